@@ -1,0 +1,186 @@
+import json
+import logging
+import re
+from datetime import UTC, datetime
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from lobbies import services
+from lobbies.models import LOBBY_NAME_PATTERN
+from lobbies.protocol import (
+    SIGNALING_TYPES,
+    Chat,
+    Mute,
+    Ping,
+    ProtocolError,
+    error_frame,
+    parse_client_message,
+)
+from lobbies.selectors import session_for_token
+
+logger = logging.getLogger(__name__)
+
+# Application close codes (daphne only sends 1000 and 3000-4999).
+CLOSE_BAD_LOBBY_NAME = 4400
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_LOBBY_FULL = 4403
+CLOSE_REPLACED = 4409
+
+
+def connection_token(scope: dict[str, Any]) -> str:
+    """The resume token from `?token=`, or else from the session cookie."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
+    if query.get("token"):
+        return query["token"][0]
+    for name, value in scope.get("headers", []):
+        if name == b"cookie":
+            cookie = SimpleCookie()
+            cookie.load(value.decode("latin1"))
+            if settings.VOICEBOT_TOKEN_COOKIE in cookie:
+                return cookie[settings.VOICEBOT_TOKEN_COOKIE].value
+    return ""
+
+
+class LobbyConsumer(AsyncWebsocketConsumer):
+    """One participant's connection to one lobby.
+
+    Signaling is relayed straight to the addressed peer's channel; the
+    consumer keeps its own copy of the roster (peer id -> channel), filled from
+    the join and kept current by the lobby's peer_joined/peer_left events, so
+    relaying needs no database work.
+    """
+
+    lobby_name: str
+    peer_id: str | None = None
+    name: str
+    peer_channels: dict[str, str]
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every handler, a
+        # thread hop per relayed message. Database work here only happens in
+        # database_sync_to_async calls, which do that cleanup themselves.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def connect(self) -> None:
+        # Accept first: a refused handshake is invisible to browsers, a close code is not.
+        await self.accept()
+        self.lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
+        if not re.match(LOBBY_NAME_PATTERN, self.lobby_name):
+            await self.reject("bad_field", "Lobby names use letters, digits, '-' and '_' only.", CLOSE_BAD_LOBBY_NAME)
+            return
+        session = await database_sync_to_async(session_for_token)(connection_token(self.scope))
+        if session is None:
+            await self.reject("unauthenticated", "No valid session; create one first.", CLOSE_UNAUTHENTICATED)
+            return
+
+        self.group = services.lobby_group(self.lobby_name)
+        # Join the group before the roster is read, so no join in between is missed.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        try:
+            joined = await database_sync_to_async(services.lobby_join)(
+                lobby_name=self.lobby_name, session=session, channel_name=self.channel_name
+            )
+        except services.LobbyFull:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.reject("lobby_full", "This lobby is full.", CLOSE_LOBBY_FULL)
+            return
+
+        self.peer_id = joined.peer["peer_id"]
+        self.name = session.name
+        self.peer_channels = {peer["peer_id"]: channel for peer, channel in joined.peers}
+        await self.send_frame(
+            {
+                "type": "welcome",
+                "peer_id": self.peer_id,
+                "name": self.name,
+                "lobby": {"name": joined.lobby.name, "max_participants": joined.lobby.max_participants},
+                "peers": [peer for peer, _ in joined.peers],
+                "ice_servers": settings.VOICEBOT_ICE_SERVERS,
+            }
+        )
+
+    async def reject(self, code: str, message: str, close_code: int) -> None:
+        await self.send_frame(error_frame(code, message))
+        await self.close(code=close_code)
+
+    async def disconnect(self, close_code: int) -> None:
+        if self.peer_id is None:
+            return
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        await database_sync_to_async(services.lobby_leave)(
+            lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
+        )
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.peer_id is None:
+            return
+        try:
+            data, message = parse_client_message(text_data, bytes_data)
+            await self.handle(data, message)
+        except ProtocolError as error:
+            await self.send_frame(error.frame())
+
+    async def handle(self, data: dict[str, Any], message: Any) -> None:
+        if data["type"] in SIGNALING_TYPES:
+            channel = self.peer_channels.get(message.to)
+            if channel is None:
+                raise ProtocolError("unknown_peer", "That peer is not in this lobby.")
+            await self.channel_layer.send(channel, {"type": "lobby.deliver", "frame": {**data, "from": self.peer_id}})
+        elif isinstance(message, Chat):
+            frame = {
+                "type": "chat",
+                "from": self.peer_id,
+                "name": self.name,
+                "text": message.text,
+                "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            }
+            await self.channel_layer.group_send(self.group, {"type": "lobby.deliver", "frame": frame})
+        elif isinstance(message, Mute):
+            await database_sync_to_async(services.membership_set_muted)(
+                lobby_name=self.lobby_name,
+                session_id=self.peer_id,
+                channel_name=self.channel_name,
+                muted=message.muted,
+            )
+        elif isinstance(message, Ping):
+            await self.send_frame({"type": "pong"})
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame))
+
+    # Channel-layer events, published by lobbies.services or relayed by peers.
+
+    async def lobby_deliver(self, event: dict[str, Any]) -> None:
+        await self.send_frame(event["frame"])
+
+    async def lobby_peer_joined(self, event: dict[str, Any]) -> None:
+        peer_id = event["peer"]["peer_id"]
+        if peer_id == self.peer_id or self.peer_channels.get(peer_id) == event["channel"]:
+            return
+        self.peer_channels[peer_id] = event["channel"]
+        await self.send_frame({"type": "peer_joined", "peer": event["peer"]})
+
+    async def lobby_peer_left(self, event: dict[str, Any]) -> None:
+        peer_id = event["peer_id"]
+        if self.peer_channels.get(peer_id) != event["channel"]:
+            return
+        del self.peer_channels[peer_id]
+        await self.send_frame({"type": "peer_left", "peer_id": peer_id})
+
+    async def lobby_peer_updated(self, event: dict[str, Any]) -> None:
+        await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
+
+    async def lobby_replaced(self, event: dict[str, Any]) -> None:
+        await self.send_frame(error_frame("replaced", "You joined this lobby from another connection."))
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        self.peer_id = None
+        await self.close(code=CLOSE_REPLACED)

@@ -1,0 +1,94 @@
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+# Letters and digits of any script, "-" and "_": safe in a URL path segment
+# and easy to read out loud.
+LOBBY_NAME_PATTERN = r"^[\w-]{1,64}\Z"
+
+
+class Session(models.Model):
+    """A person's (or a bot's) identity in the service.
+
+    The `id` is the peer id others see. The resume token is shown to its
+    owner once, at creation, and only its SHA-256 is kept.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=64)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    is_bot = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Lobby(models.Model):
+    """A voice room. Joining a name that does not exist creates it."""
+
+    name = models.CharField(
+        max_length=64,
+        unique=True,
+        validators=[RegexValidator(LOBBY_NAME_PATTERN, "Use letters, digits, '-' and '_' only.")],
+    )
+    created_by = models.ForeignKey(
+        Session, null=True, blank=True, on_delete=models.SET_NULL, related_name="created_lobbies"
+    )
+    private = models.BooleanField(default=False, help_text="Private lobbies are not listed to others.")
+    max_participants = models.PositiveSmallIntegerField(
+        default=settings.LOBBY_DEFAULT_MAX_PARTICIPANTS,
+        validators=[MinValueValidator(1), MaxValueValidator(settings.LOBBY_MAX_PARTICIPANTS_LIMIT)],
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_active_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-last_active_at"]
+        verbose_name_plural = "lobbies"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    """A session's stay in a lobby. Rows with no `left_at` are the live roster;
+    the others are the room's history."""
+
+    class State(models.TextChoices):
+        CONNECTED = "connected"
+        LEFT = "left"
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="memberships")
+    lobby = models.ForeignKey(Lobby, on_delete=models.CASCADE, related_name="memberships")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.CONNECTED)
+    muted = models.BooleanField(default=False)
+    # The consumer's channel, so signaling can be sent straight to the peer.
+    channel_name = models.CharField(max_length=200, blank=True)
+    joined_at = models.DateTimeField(auto_now_add=True)
+    left_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["joined_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "lobby"],
+                condition=Q(left_at__isnull=True),
+                name="one_live_membership_per_session_and_lobby",
+            )
+        ]
+        indexes = [
+            models.Index(
+                fields=["lobby", "joined_at"], condition=Q(left_at__isnull=True), name="live_roster"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session} in {self.lobby}"

@@ -1,0 +1,188 @@
+import json
+import re
+import unicodedata
+from typing import Any
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from lobbies import selectors, services
+from lobbies.models import LOBBY_NAME_PATTERN, Session
+
+MAX_NAME_LENGTH = 64
+MAX_BODY_BYTES = 16 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse({"code": code, "message": message}, status=status)
+
+
+def api_view(view):
+    """JSON API view: turns ApiError into a JSON error response.
+
+    CSRF is checked by the view itself (see `authenticate`), because requests
+    that carry a bearer token need none.
+    """
+
+    @csrf_exempt
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return view(request, *args, **kwargs)
+        except ApiError as error:
+            return error_response(error.status, error.code, error.message)
+
+    return wrapper
+
+
+def json_body(request: HttpRequest) -> dict[str, Any]:
+    if len(request.body) > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"The body may be at most {MAX_BODY_BYTES} bytes.")
+    try:
+        data = json.loads(request.body)
+    except ValueError:
+        raise ApiError(400, "bad_json", "The body is not valid JSON.")
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", "The body must be a JSON object.")
+    return data
+
+
+def bearer_token(request: HttpRequest) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def authenticate(request: HttpRequest, *, required: bool) -> Session | None:
+    """The session behind a bearer token or, with Django's CSRF check, the cookie."""
+    token = bearer_token(request)
+    if not token:
+        token = request.COOKIES.get(settings.VOICEBOT_TOKEN_COOKIE, "")
+        if token and request.method not in ("GET", "HEAD", "OPTIONS"):
+            rejection = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+            if rejection is not None:
+                raise ApiError(403, "csrf_failed", "Cookie-authenticated requests need a CSRF token.")
+    session = selectors.session_for_token(token)
+    if session is None and required:
+        raise ApiError(401, "unauthenticated", "Create a session first, or send its token as a bearer token.")
+    return session
+
+
+def clean_display_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_field", "'name' must be a string.")
+    name = " ".join(value.split())
+    if not name:
+        raise ApiError(400, "missing_field", "'name' must not be empty.")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ApiError(400, "bad_field", f"'name' may be at most {MAX_NAME_LENGTH} characters.")
+    if any(unicodedata.category(char).startswith("C") for char in name):
+        raise ApiError(400, "bad_field", "'name' must not contain control characters.")
+    return name
+
+
+def set_token_cookie(response: HttpResponse, token: str) -> None:
+    response.set_cookie(
+        settings.VOICEBOT_TOKEN_COOKIE,
+        token,
+        max_age=365 * 24 * 3600,
+        httponly=True,
+        samesite="Lax",
+        secure=settings.VOICEBOT_COOKIE_SECURE,
+    )
+
+
+def session_json(session: Session) -> dict[str, Any]:
+    return {"id": str(session.id), "name": session.name}
+
+
+@api_view
+@require_POST
+def session_create(request: HttpRequest) -> HttpResponse:
+    data = json_body(request)
+    if "name" not in data:
+        raise ApiError(400, "missing_field", "'name' is required.")
+    session, token = services.session_create(name=clean_display_name(data["name"]))
+    response = JsonResponse({**session_json(session), "token": token}, status=201)
+    set_token_cookie(response, token)
+    return response
+
+
+@api_view
+@require_POST
+def session_resume(request: HttpRequest) -> HttpResponse:
+    """Make the bearer token's session the one this browser's cookie names.
+
+    The room page keeps its token per tab, so two tabs can be two people;
+    it calls this before connecting so the WebSocket carries its own identity.
+    """
+    token = bearer_token(request)
+    session = selectors.session_for_token(token)
+    if session is None:
+        raise ApiError(401, "unauthenticated", "Unknown or missing bearer token.")
+    response = JsonResponse(session_json(session))
+    set_token_cookie(response, token)
+    return response
+
+
+@api_view
+@require_http_methods(["GET", "POST"])
+def lobby_collection(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        viewer = authenticate(request, required=False)
+        return JsonResponse({"lobbies": selectors.lobby_list(viewer=viewer)})
+
+    creator = authenticate(request, required=True)
+    data = json_body(request)
+    name = data.get("name")
+    if name is None:
+        raise ApiError(400, "missing_field", "'name' is required.")
+    if not isinstance(name, str) or not re.match(LOBBY_NAME_PATTERN, name):
+        raise ApiError(400, "bad_field", "'name' must be 1-64 letters, digits, '-' or '_'.")
+    private = data.get("private", False)
+    if not isinstance(private, bool):
+        raise ApiError(400, "bad_field", "'private' must be true or false.")
+    max_participants = data.get("max_participants", settings.LOBBY_DEFAULT_MAX_PARTICIPANTS)
+    limit = settings.LOBBY_MAX_PARTICIPANTS_LIMIT
+    if type(max_participants) is not int or not 1 <= max_participants <= limit:
+        raise ApiError(400, "bad_field", f"'max_participants' must be a whole number from 1 to {limit}.")
+    try:
+        lobby = services.lobby_create(
+            name=name, private=private, max_participants=max_participants, created_by=creator
+        )
+    except services.LobbyNameTaken:
+        raise ApiError(409, "name_taken", f"A lobby named {name!r} already exists.")
+    return JsonResponse(selectors.lobby_summary(lobby, participant_count=0), status=201)
+
+
+@api_view
+@require_GET
+def lobby_detail(request: HttpRequest, name: str) -> HttpResponse:
+    lobby = selectors.lobby_detail(name=name)
+    if lobby is None:
+        raise ApiError(404, "not_found", "No lobby has that name.")
+    return JsonResponse(lobby)
+
+
+@require_GET
+@ensure_csrf_cookie
+def index(request: HttpRequest) -> HttpResponse:
+    return render(request, "lobbies/index.html")
+
+
+@require_GET
+@ensure_csrf_cookie
+def room(request: HttpRequest, name: str) -> HttpResponse:
+    if not re.match(LOBBY_NAME_PATTERN, name):
+        raise Http404("No lobby can have that name.")
+    return render(request, "lobbies/room.html", {"lobby_name": name})
