@@ -1,18 +1,19 @@
 import json
-import logging
 import re
 from datetime import UTC, datetime
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.http.cookie import parse_cookie
 
 from lobbies import services
 from lobbies.models import LOBBY_NAME_PATTERN
+from lobbies.publisher import publisher
 from lobbies.protocol import (
     SIGNALING_TYPES,
     Chat,
@@ -23,8 +24,6 @@ from lobbies.protocol import (
     parse_client_message,
 )
 from lobbies.selectors import session_for_token
-
-logger = logging.getLogger(__name__)
 
 # Application close codes (daphne only sends 1000 and 3000-4999).
 CLOSE_BAD_LOBBY_NAME = 4400
@@ -40,10 +39,7 @@ def connection_token(scope: dict[str, Any]) -> str:
         return query["token"][0]
     for name, value in scope.get("headers", []):
         if name == b"cookie":
-            cookie = SimpleCookie()
-            cookie.load(value.decode("latin1"))
-            if settings.VOICEBOT_TOKEN_COOKIE in cookie:
-                return cookie[settings.VOICEBOT_TOKEN_COOKIE].value
+            return parse_cookie(value.decode("latin1")).get(settings.VOICEBOT_TOKEN_COOKIE, "")
     return ""
 
 
@@ -57,9 +53,11 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     """
 
     lobby_name: str
+    group: str
+    # Set once the join has succeeded, cleared when the connection is replaced;
+    # events and messages are ignored while it is None.
     peer_id: str | None = None
     name: str
-    peer_channels: dict[str, str]
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a
@@ -73,6 +71,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         # Accept first: a refused handshake is invisible to browsers, a close code is not.
         await self.accept()
+        publisher.attach()
+        self.peer_channels: dict[str, str] = {}
         self.lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
         if not re.match(LOBBY_NAME_PATTERN, self.lobby_name):
             await self.reject("bad_field", "Lobby names use letters, digits, '-' and '_' only.", CLOSE_BAD_LOBBY_NAME)
@@ -93,6 +93,9 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(self.group, self.channel_name)
             await self.reject("lobby_full", "This lobby is full.", CLOSE_LOBBY_FULL)
             return
+        except BaseException:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            raise
 
         self.peer_id = joined.peer["peer_id"]
         self.name = session.name
@@ -134,7 +137,12 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             channel = self.peer_channels.get(message.to)
             if channel is None:
                 raise ProtocolError("unknown_peer", "That peer is not in this lobby.")
-            await self.channel_layer.send(channel, {"type": "lobby.deliver", "frame": {**data, "from": self.peer_id}})
+            try:
+                await self.channel_layer.send(
+                    channel, {"type": "lobby.deliver", "frame": {**data, "from": self.peer_id}}
+                )
+            except ChannelFull:
+                raise ProtocolError("delivery_failed", "That peer cannot receive messages right now.")
         elif isinstance(message, Chat):
             frame = {
                 "type": "chat",
@@ -160,26 +168,30 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     # Channel-layer events, published by lobbies.services or relayed by peers.
 
     async def lobby_deliver(self, event: dict[str, Any]) -> None:
-        await self.send_frame(event["frame"])
+        if self.peer_id is not None:
+            await self.send_frame(event["frame"])
 
     async def lobby_peer_joined(self, event: dict[str, Any]) -> None:
         peer_id = event["peer"]["peer_id"]
-        if peer_id == self.peer_id or self.peer_channels.get(peer_id) == event["channel"]:
+        if self.peer_id in (None, peer_id) or self.peer_channels.get(peer_id) == event["channel"]:
             return
         self.peer_channels[peer_id] = event["channel"]
         await self.send_frame({"type": "peer_joined", "peer": event["peer"]})
 
     async def lobby_peer_left(self, event: dict[str, Any]) -> None:
         peer_id = event["peer_id"]
-        if self.peer_channels.get(peer_id) != event["channel"]:
+        if self.peer_id is None or self.peer_channels.get(peer_id) != event["channel"]:
             return
         del self.peer_channels[peer_id]
         await self.send_frame({"type": "peer_left", "peer_id": peer_id})
 
     async def lobby_peer_updated(self, event: dict[str, Any]) -> None:
-        await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
+        if self.peer_id is not None:
+            await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
 
     async def lobby_replaced(self, event: dict[str, Any]) -> None:
+        if self.peer_id is None:
+            return
         await self.send_frame(error_frame("replaced", "You joined this lobby from another connection."))
         await self.channel_layer.group_discard(self.group, self.channel_name)
         self.peer_id = None

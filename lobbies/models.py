@@ -1,13 +1,25 @@
 import uuid
 
 from django.conf import settings
-from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 
 # Letters and digits of any script, "-" and "_": safe in a URL path segment
 # and easy to read out loud.
 LOBBY_NAME_PATTERN = r"^[\w-]{1,64}\Z"
+
+
+def default_max_participants() -> int:
+    return settings.LOBBY_DEFAULT_MAX_PARTICIPANTS
+
+
+def validate_max_participants(value: int) -> None:
+    # Read at call time so that changing the limit needs no migration.
+    limit = settings.LOBBY_MAX_PARTICIPANTS_LIMIT
+    if not 1 <= value <= limit:
+        raise ValidationError(f"Must be from 1 to {limit}.")
 
 
 class Session(models.Model):
@@ -44,8 +56,7 @@ class Lobby(models.Model):
     )
     private = models.BooleanField(default=False, help_text="Private lobbies are not listed to others.")
     max_participants = models.PositiveSmallIntegerField(
-        default=settings.LOBBY_DEFAULT_MAX_PARTICIPANTS,
-        validators=[MinValueValidator(1), MaxValueValidator(settings.LOBBY_MAX_PARTICIPANTS_LIMIT)],
+        default=default_max_participants, validators=[validate_max_participants]
     )
     created_at = models.DateTimeField(auto_now_add=True)
     last_active_at = models.DateTimeField(auto_now_add=True, db_index=True)

@@ -9,14 +9,14 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from lobbies.models import Lobby, Membership, Session
+from lobbies.publisher import publisher
 from lobbies.selectors import Peer, live_memberships, peer_of, token_hash
 
 
@@ -43,12 +43,12 @@ def lobby_group(lobby_name: str) -> str:
 
 def publish(lobby_name: str, event: dict[str, Any]) -> None:
     """Send `event` to everyone in the lobby once the current transaction commits."""
-    group = lobby_group(lobby_name)
-    transaction.on_commit(lambda: async_to_sync(get_channel_layer().group_send)(group, event))
+    transaction.on_commit(partial(publisher.publish, ("group", lobby_group(lobby_name), event)))
 
 
 def tell_channel(channel_name: str, event: dict[str, Any]) -> None:
-    transaction.on_commit(lambda: async_to_sync(get_channel_layer().send)(channel_name, event))
+    """Send `event` to one connection once the current transaction commits."""
+    transaction.on_commit(partial(publisher.publish, ("channel", channel_name, event)))
 
 
 def session_create(*, name: str, is_bot: bool = False) -> tuple[Session, str]:

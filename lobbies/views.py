@@ -1,6 +1,7 @@
 import json
 import re
 import unicodedata
+from functools import wraps
 from typing import Any
 
 from django.conf import settings
@@ -8,7 +9,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_GET
 
 from lobbies import selectors, services
 from lobbies.models import LOBBY_NAME_PATTERN, Session
@@ -29,24 +30,35 @@ def error_response(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse({"code": code, "message": message}, status=status)
 
 
-def api_view(view):
-    """JSON API view: turns ApiError into a JSON error response.
+def api_view(*methods: str):
+    """A JSON API view answering `methods`, with every error as JSON.
 
     CSRF is checked by the view itself (see `authenticate`), because requests
     that carry a bearer token need none.
     """
 
-    @csrf_exempt
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except ApiError as error:
-            return error_response(error.status, error.code, error.message)
+    def decorator(view):
+        @csrf_exempt
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = error_response(405, "method_not_allowed", f"Use {' or '.join(methods)}.")
+                response["Allow"] = ", ".join(methods)
+                return response
+            try:
+                return view(request, *args, **kwargs)
+            except ApiError as error:
+                return error_response(error.status, error.code, error.message)
 
-    return wrapper
+        return wrapper
+
+    return decorator
 
 
 def json_body(request: HttpRequest) -> dict[str, Any]:
+    # Only JSON: a cross-site HTML form cannot send it without a CORS preflight.
+    if request.content_type != "application/json":
+        raise ApiError(415, "bad_content_type", "Send the body as application/json.")
     if len(request.body) > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"The body may be at most {MAX_BODY_BYTES} bytes.")
     try:
@@ -106,8 +118,7 @@ def session_json(session: Session) -> dict[str, Any]:
     return {"id": str(session.id), "name": session.name}
 
 
-@api_view
-@require_POST
+@api_view("POST")
 def session_create(request: HttpRequest) -> HttpResponse:
     data = json_body(request)
     if "name" not in data:
@@ -118,8 +129,7 @@ def session_create(request: HttpRequest) -> HttpResponse:
     return response
 
 
-@api_view
-@require_POST
+@api_view("POST")
 def session_resume(request: HttpRequest) -> HttpResponse:
     """Make the bearer token's session the one this browser's cookie names.
 
@@ -135,8 +145,7 @@ def session_resume(request: HttpRequest) -> HttpResponse:
     return response
 
 
-@api_view
-@require_http_methods(["GET", "POST"])
+@api_view("GET", "POST")
 def lobby_collection(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         viewer = authenticate(request, required=False)
@@ -165,8 +174,7 @@ def lobby_collection(request: HttpRequest) -> HttpResponse:
     return JsonResponse(selectors.lobby_summary(lobby, participant_count=0), status=201)
 
 
-@api_view
-@require_GET
+@api_view("GET")
 def lobby_detail(request: HttpRequest, name: str) -> HttpResponse:
     lobby = selectors.lobby_detail(name=name)
     if lobby is None:
@@ -177,7 +185,11 @@ def lobby_detail(request: HttpRequest, name: str) -> HttpResponse:
 @require_GET
 @ensure_csrf_cookie
 def index(request: HttpRequest) -> HttpResponse:
-    return render(request, "lobbies/index.html")
+    context = {
+        "default_max_participants": settings.LOBBY_DEFAULT_MAX_PARTICIPANTS,
+        "max_participants_limit": settings.LOBBY_MAX_PARTICIPANTS_LIMIT,
+    }
+    return render(request, "lobbies/index.html", context)
 
 
 @require_GET

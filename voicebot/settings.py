@@ -1,8 +1,8 @@
 """
 voicebot settings, read from environment variables.
 
-With none set the project runs on its embedded default: a SQLite file, an
-in-memory channel layer and a local-memory cache, all under VOICEBOT_DATA_DIR.
+With none set the project runs on its embedded default: a SQLite file under
+VOICEBOT_DATA_DIR, an in-memory channel layer and a local-memory cache.
 DATABASE_URL and REDIS_URL switch to Postgres and Redis. docs/configuration.md
 lists every variable.
 """
@@ -37,7 +37,7 @@ def env_int(name: str, default: int) -> int:
 
 def env_list(name: str, default: list[str]) -> list[str]:
     value = os.environ.get(name)
-    if value is None:
+    if value is None or value.strip() == "":
         return default
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -144,14 +144,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                "hosts": [REDIS_URL],
-                # channels-redis drops messages silently past capacity; the
-                # default of 100 is too small for a busy room's ICE burst.
-                "capacity": env_int("CHANNEL_LAYER_CAPACITY", 1000),
-                "expiry": 60,
-            },
+            # The pub/sub layer, not RedisChannelLayer: the latter loses a
+            # message now and then when another connection of the same process
+            # closes while it waits (channels_redis issue 366), and drops
+            # messages silently once a connection's queue passes its capacity.
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "voicebot")},
         }
     }
     CACHES = {
@@ -183,6 +181,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Serve app static files straight from the apps, so the server works without
 # a collectstatic step; production may still run collectstatic.
 WHITENOISE_USE_FINDERS = True
@@ -214,3 +213,5 @@ if not isinstance(VOICEBOT_ICE_SERVERS, list):
 LOBBY_DEFAULT_MAX_PARTICIPANTS = env_int("LOBBY_DEFAULT_MAX_PARTICIPANTS", 12)
 LOBBY_MAX_PARTICIPANTS_LIMIT = env_int("LOBBY_MAX_PARTICIPANTS_LIMIT", 50)
 LOBBY_LIST_LIMIT = env_int("LOBBY_LIST_LIMIT", 100)
+if not 1 <= LOBBY_DEFAULT_MAX_PARTICIPANTS <= LOBBY_MAX_PARTICIPANTS_LIMIT:
+    raise ImproperlyConfigured("LOBBY_DEFAULT_MAX_PARTICIPANTS must be from 1 to LOBBY_MAX_PARTICIPANTS_LIMIT.")

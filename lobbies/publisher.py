@@ -1,0 +1,70 @@
+"""Hands lobby events to the channel layer, in order, without blocking the caller.
+
+Services run in worker threads (database_sync_to_async). Sending from there
+with async_to_sync would make the thread wait on the server's event loop, and
+a thread caught waiting when the server stops keeps the process from exiting.
+So, where a server loop is running, events are queued to one task on that loop,
+which sends them one after another: the order in which a process publishes is
+the order in which everyone receives. Elsewhere (management commands, plain
+sync code) they are sent directly. Once the server's loop has stopped, events
+are dropped: no connection of this process is left to hear them.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
+
+logger = logging.getLogger(__name__)
+
+# ("group" | "channel", name, message)
+Event = tuple[str, str, dict[str, Any]]
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue[Event] | None = None
+
+    def attach(self) -> None:
+        """Deliver through the running loop from now on. Call from async code."""
+        loop = asyncio.get_running_loop()
+        if self.loop is loop:
+            return
+        self.loop = loop
+        self.queue = asyncio.Queue()
+        loop.create_task(self.run(self.queue))
+
+    def publish(self, event: Event) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            async_to_sync(deliver)(event)
+        elif loop.is_running():
+            loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        else:
+            # The server is stopping; waiting for its loop would hang the exit.
+            logger.warning("Server stopping; not published: %s", event[2]["type"])
+
+    async def run(self, queue: asyncio.Queue[Event]) -> None:
+        while True:
+            await deliver(await queue.get())
+
+
+async def deliver(event: Event) -> None:
+    kind, name, message = event
+    layer = get_channel_layer()
+    try:
+        if kind == "group":
+            await layer.group_send(name, message)
+        else:
+            await layer.send(name, message)
+    except ChannelFull:
+        logger.warning("Channel layer full; dropped %s to %s %s", message["type"], kind, name)
+    except Exception:
+        logger.exception("Could not publish %s to %s %s", message["type"], kind, name)
+
+
+publisher = Publisher()

@@ -1,0 +1,229 @@
+"""Fixtures shared by the whole suite: named people, live servers, WebSocket clients."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import asyncio
+import json
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import websockets
+from channels.layers import channel_layers
+from django.conf import settings
+
+from lobbies import services
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Person:
+    """Someone with a session: what a client knows after POST /api/sessions/."""
+
+    id: str
+    name: str
+    token: str
+
+
+def make_person(name: str) -> Person:
+    session, token = services.session_create(name=name)
+    return Person(id=str(session.id), name=session.name, token=token)
+
+
+@pytest.fixture
+def alice(transactional_db: None) -> Person:
+    return make_person("Alice")
+
+
+@pytest.fixture
+def bob(transactional_db: None) -> Person:
+    return make_person("Bob")
+
+
+@pytest.fixture
+def carol(transactional_db: None) -> Person:
+    return make_person("Carol")
+
+
+@pytest.fixture(params=["redis", "memory"])
+def channel_layer(request: pytest.FixtureRequest, settings) -> Iterator[str]:
+    """Run the test over the Redis channel layer and over the in-memory one."""
+    if request.param == "memory":
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    elif not settings.REDIS_URL:
+        pytest.fail("REDIS_URL is not set: run the suite with `bash tests/run.sh`.")
+    else:
+        # A prefix of its own, so no group or queue left by another test can interfere.
+        layer = settings.CHANNEL_LAYERS["default"]
+        config = {**layer["CONFIG"], "prefix": f"test-{uuid.uuid4().hex[:12]}"}
+        settings.CHANNEL_LAYERS = {"default": {**layer, "CONFIG": config}}
+    # Layers hold connections bound to an event loop; every test gets fresh ones.
+    channel_layers.backends = {}
+    yield request.param
+    channel_layers.backends = {}
+
+
+def set_channel_capacity(settings, capacity: int) -> None:
+    layer = settings.CHANNEL_LAYERS["default"]
+    settings.CHANNEL_LAYERS = {"default": {**layer, "CONFIG": {**layer.get("CONFIG", {}), "capacity": capacity}}}
+    channel_layers.backends = {}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def daphne_command(port: int) -> list[str]:
+    """The production command."""
+    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "voicebot.asgi:application"]
+
+
+def runserver_command(port: int) -> list[str]:
+    """The development command of the README."""
+    return [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
+
+
+def start_server(
+    env: dict[str, str], log_path: Path, command: Callable[[int], list[str]] = daphne_command
+) -> LiveServer:
+    """Start a server for the project on a free loopback port."""
+    port = free_port()
+    log = log_path.open("ab")
+    process = subprocess.Popen(
+        command(port),
+        cwd=PROJECT_DIR,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = LiveServer(process=process, port=port)
+    try:
+        wait_for_http(f"{server.http}/healthz", process=process)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"server did not start; its log: {log_path.read_text()[-3000:]}")
+    return server
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    """The environment of a bare machine: no database, Redis or secret configured."""
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY"}}
+    env["VOICEBOT_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def production_env() -> dict[str, str]:
+    """Postgres (the test database) and Redis, as the running test process uses them."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.postgresql" or not settings.REDIS_URL:
+        pytest.fail("This test needs Postgres and Redis: run the suite with `bash tests/run.sh`.")
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    credentials = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgres://{credentials}@{host}:{port}/{db['NAME']}"
+    return env
+
+
+@pytest.fixture
+def embedded_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """A server on the embedded default, migrated, as the README's first command runs it."""
+    env = embedded_env(tmp_path)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=PROJECT_DIR, env=env, check=True
+    )
+    server = start_server(env, tmp_path / "server.log", runserver_command)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def production_servers(transactional_db: None, tmp_path: Path) -> Iterator[list[LiveServer]]:
+    """Two server processes sharing the test database and Redis."""
+    env = production_env()
+    servers = [start_server(env, tmp_path / f"server-{i}.log") for i in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def http_json(url: str, body: dict | None = None, token: str = "") -> dict:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as response:
+        return json.loads(response.read())
+
+
+class LiveClient:
+    """A non-browser client of a live server: HTTP for the session, then the lobby WebSocket."""
+
+    def __init__(self, server: LiveServer, name: str) -> None:
+        self.server = server
+        session = http_json(f"{server.http}/api/sessions/", {"name": name})
+        self.id: str = session["id"]
+        self.token: str = session["token"]
+        self.socket: websockets.ClientConnection | None = None
+
+    async def join(self, lobby: str) -> dict:
+        url = f"{self.server.ws}/ws/lobby/{lobby}/?token={self.token}"
+        self.socket = await websockets.connect(url, open_timeout=10)
+        welcome = await self.receive()
+        assert welcome["type"] == "welcome", welcome
+        return welcome
+
+    async def send(self, frame: dict) -> None:
+        await self.socket.send(json.dumps(frame))
+
+    async def receive(self, timeout: float = 5) -> dict:
+        return json.loads(await asyncio.wait_for(self.socket.recv(), timeout))
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()

@@ -1,0 +1,419 @@
+"""Two people meet in a voice room in a real browser, over real WebRTC.
+
+Run it inside a loopback-only network namespace (tests/lobbies/test_browser_room.py
+does), from any directory:
+
+    unshare -n -- sh -c 'ip link set lo up && exec .venv/bin/python tests/lobbies/browser_room_scenario.py'
+
+It starts the server on the embedded default in a temporary directory, drives
+Debian's chromium through the landing and room pages as Alice and Bob, and
+prints one JSON object with what it measured on its last stdout line. It exits
+non-zero, with the reason on stderr and in the JSON "error", when anything fails.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LOBBY = "e2e-room"
+CHAT_TEXT = "Hello Bob <b>not bold</b> & welcome"
+DELIVERY_FAILED = {"type": "error", "code": "delivery_failed", "message": "That peer cannot receive messages right now."}
+
+SERVER_START_TIMEOUT = 30
+# Every browser action and assertion waits at most this long.
+STEP_TIMEOUT_MS = 15_000
+# From both people being in the room to audio flowing both ways.
+AUDIO_TIMEOUT = 30
+BYTES_GROWTH_WINDOW = 2.0
+
+# Sums inbound audio and lists the ICE candidate pairs in use, per peer connection.
+PROBE_JS = """
+async () => {
+  const room = window.voicebotRoom;
+  const result = { now: Date.now(), selfId: room ? room.selfId : null, peers: [] };
+  if (!room) return result;
+  for (const [peerId, pc] of room.peers) {
+    const stats = await pc.getStats();
+    const peer = { peerId, state: pc.connectionState, bytesReceived: 0, pairs: [] };
+    stats.forEach((report) => {
+      if (report.type === 'inbound-rtp' && report.kind === 'audio') {
+        peer.bytesReceived += report.bytesReceived || 0;
+      }
+      if (report.type === 'candidate-pair' && (report.state === 'succeeded' || report.nominated)) {
+        const local = stats.get(report.localCandidateId) || {};
+        const remote = stats.get(report.remoteCandidateId) || {};
+        peer.pairs.push({
+          state: report.state,
+          nominated: Boolean(report.nominated),
+          local: local.address || local.ip || null,
+          remote: remote.address || remote.ip || null,
+        });
+      }
+    });
+    result.peers.push(peer);
+  }
+  return result;
+}
+"""
+
+
+# Keeps every WebSocket the page opens, so the scenario can play a server frame
+# into the room page's own socket (the page cannot tell it from a real one).
+SOCKET_SPY_JS = """
+(() => {
+  const NativeWebSocket = window.WebSocket;
+  const sockets = [];
+  window.__voicebotSockets = sockets;
+  window.WebSocket = class extends NativeWebSocket {
+    constructor(...args) {
+      super(...args);
+      sockets.push(this);
+    }
+  };
+})();
+"""
+
+# Plays a server frame into the newest socket, as if the server had sent it.
+INJECT_FRAME_JS = """
+(frame) => {
+  const socket = window.__voicebotSockets.at(-1);
+  socket.dispatchEvent(new MessageEvent('message', { data: JSON.stringify(frame) }));
+}
+"""
+
+
+class ScenarioFailure(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(data_dir: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(VOICEBOT_DATA_DIR=data_dir, DJANGO_SETTINGS_MODULE="voicebot.settings", PYTHONUNBUFFERED="1")
+    return env
+
+
+def start_server(data_dir: str, port: int, log_file) -> subprocess.Popen:
+    env = server_env(data_dir)
+    migrate = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    if migrate.returncode != 0:
+        raise ScenarioFailure(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "voicebot.asgi:application"],
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for_server(server: subprocess.Popen, base_url: str) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise ScenarioFailure(f"daphne exited with code {server.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise ScenarioFailure(f"daphne did not answer {base_url}/healthz within {SERVER_START_TIMEOUT} s")
+
+
+def stop_server(server: subprocess.Popen | None) -> None:
+    if server is None or server.poll() is not None:
+        return
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def save_screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+
+
+def open_landing(page: Page, base_url: str, name: str) -> float:
+    """Open "/" and type the display name; returns the page's navigation start (epoch ms)."""
+    page.goto(f"{base_url}/")
+    page.fill("#display-name", name)
+    return page.evaluate("performance.timeOrigin")
+
+
+def wait_until_connected(page: Page, who: str) -> None:
+    try:
+        expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+    except AssertionError:
+        status = page.locator("#connection-status").text_content()
+        raise ScenarioFailure(f"{who} did not connect to the lobby; status: {status!r}")
+
+
+def watch_http(page: Page, who: str, results: dict) -> None:
+    """Record every HTTP error answer and every POST not marked as JSON."""
+    errors = results.setdefault("http_errors", [])
+    posts = results.setdefault("posts", [])
+
+    def on_response(response) -> None:
+        if response.status >= 400:
+            errors.append(f"{who}: {response.status} {response.request.method} {response.url}")
+
+    def on_request(request) -> None:
+        if request.method == "POST":
+            posts.append(
+                {
+                    "who": who,
+                    "path": request.url.split("/", 3)[-1],
+                    "content_type": request.headers.get("content-type"),
+                    "body": request.post_data,
+                }
+            )
+
+    page.on("response", on_response)
+    page.on("request", on_request)
+
+
+def alice_creates_lobby(page: Page, base_url: str, results: dict) -> float:
+    opened = open_landing(page, base_url, "Alice")
+    create_max = page.locator("#create-max")
+    results["create_max_value"] = create_max.get_attribute("value")
+    results["create_max_limit"] = create_max.get_attribute("max")
+    page.fill("#create-name", LOBBY)
+    page.get_by_role("button", name="Create and join").click()
+    page.wait_for_url(f"{base_url}/lobby/{LOBBY}/")
+    wait_until_connected(page, "Alice")
+    return opened
+
+
+def bob_joins_from_list(page: Page, base_url: str) -> float:
+    opened = open_landing(page, base_url, "Bob")
+    join_button = page.locator("#lobby-list li", has_text=LOBBY).get_by_role("button", name=f"Join {LOBBY}")
+    expect(join_button).to_be_visible()
+    save_screenshot(page, "landing-bob")
+    join_button.click()
+    page.wait_for_url(f"{base_url}/lobby/{LOBBY}/")
+    wait_until_connected(page, "Bob")
+    return opened
+
+
+def probe(page: Page) -> dict:
+    return page.evaluate(PROBE_JS)
+
+
+def audio_connected(sample: dict) -> bool:
+    return any(peer["state"] == "connected" and peer["bytesReceived"] > 0 for peer in sample["peers"])
+
+
+def wait_for_audio(pages: dict[str, Page]) -> dict[str, dict]:
+    """Poll every page until each has connected audio; returns each page's first such sample."""
+    first: dict[str, dict] = {}
+    last: dict[str, dict] = {}
+    deadline = time.monotonic() + AUDIO_TIMEOUT
+    while len(first) < len(pages):
+        if time.monotonic() > deadline:
+            missing = sorted(set(pages) - set(first))
+            raise ScenarioFailure(
+                f"no connected audio within {AUDIO_TIMEOUT} s for {missing}; last probes: {json.dumps(last)}"
+            )
+        for who, page in pages.items():
+            if who in first:
+                continue
+            last[who] = probe(page)
+            if audio_connected(last[who]):
+                first[who] = last[who]
+        time.sleep(0.05)
+    return first
+
+
+def received_bytes(sample: dict) -> int:
+    return sum(peer["bytesReceived"] for peer in sample["peers"])
+
+
+def used_candidate_addresses(sample: dict) -> list[str]:
+    pairs = [pair for peer in sample["peers"] for pair in peer["pairs"]]
+    return sorted({str(pair[end]) for pair in pairs for end in ("local", "remote")})
+
+
+def check(results: dict, name: str, assertion) -> None:
+    """Record one user-visible check as a boolean instead of stopping at the first miss."""
+    try:
+        assertion()
+        results[name] = True
+    except (AssertionError, PlaywrightError) as error:
+        results[name] = False
+        results.setdefault("check_errors", {})[name] = str(error).splitlines()[0]
+
+
+def participant(page: Page, peer_id: str):
+    return page.locator(f'#participants li[data-peer-id="{peer_id}"]')
+
+
+def run_browser(base_url: str, results: dict) -> None:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60_000
+        )
+        try:
+            pages = {}
+            for who in ("alice", "bob"):
+                context = browser.new_context(viewport={"width": 1100, "height": 760})
+                context.set_default_timeout(STEP_TIMEOUT_MS)
+                context.set_default_navigation_timeout(STEP_TIMEOUT_MS)
+                context.add_init_script(SOCKET_SPY_JS)
+                pages[who] = context.new_page()
+                watch_http(pages[who], who, results)
+            expect.set_options(timeout=STEP_TIMEOUT_MS)
+            alice, bob = pages["alice"], pages["bob"]
+
+            opened = {
+                "alice": alice_creates_lobby(alice, base_url, results),
+                "bob": bob_joins_from_list(bob, base_url),
+            }
+            first = wait_for_audio(pages)
+            room_opened = {who: page.evaluate("performance.timeOrigin") for who, page in pages.items()}
+            for who in pages:
+                results[f"{who}_open_to_audio_ms"] = round(first[who]["now"] - opened[who])
+                results[f"{who}_room_to_audio_ms"] = round(first[who]["now"] - room_opened[who])
+            # Alice's wait includes Bob's whole walk from the landing page into the room.
+            results["alice_audio_after_bob_open_ms"] = round(first["alice"]["now"] - opened["bob"])
+
+            before = {who: probe(page) for who, page in pages.items()}
+            time.sleep(BYTES_GROWTH_WINDOW)
+            after = {who: probe(page) for who, page in pages.items()}
+            for who in pages:
+                results[f"{who}_bytes_before"] = received_bytes(before[who])
+                results[f"{who}_bytes_after"] = received_bytes(after[who])
+                results[f"{who}_peer_states"] = [peer["state"] for peer in after[who]["peers"]]
+                results[f"{who}_candidate_addresses"] = used_candidate_addresses(after[who])
+                results[f"{who}_candidate_pairs"] = [pair for peer in after[who]["peers"] for pair in peer["pairs"]]
+            alice_id, bob_id = after["alice"]["selfId"], after["bob"]["selfId"]
+
+            check(results, "alice_sees_bob", lambda: expect(participant(alice, bob_id)).to_contain_text("Bob"))
+            check(results, "bob_sees_alice", lambda: expect(participant(bob, alice_id)).to_contain_text("Alice"))
+
+            alice.fill("#chat-input", CHAT_TEXT)
+            alice.press("#chat-input", "Enter")
+            check(results, "chat_seen_by_bob", lambda: expect(bob.locator("#chat-log")).to_contain_text(CHAT_TEXT))
+            check(results, "chat_escaped", lambda: expect(bob.locator("#chat-log b")).to_have_count(0))
+
+            bob.get_by_role("button", name="Mute").click()
+            check(
+                results,
+                "bob_muted_seen_by_alice",
+                lambda: expect(participant(alice, bob_id).locator(".badge-muted")).to_be_visible(),
+            )
+
+            # An undeliverable message is only noted: the room stays as it was.
+            bob.evaluate(INJECT_FRAME_JS, DELIVERY_FAILED)
+            check(
+                results,
+                "delivery_failed_noted",
+                lambda: expect(bob.locator("#room-notice")).to_contain_text("couldn't be delivered"),
+            )
+            check(
+                results,
+                "delivery_failed_keeps_room",
+                lambda: (
+                    expect(bob.locator("#connection-status")).to_have_attribute("data-state", "connected"),
+                    expect(participant(bob, alice_id)).to_have_attribute("data-connection", "connected"),
+                ),
+            )
+
+            favicon = alice.locator('link[rel="icon"]').get_attribute("href") or ""
+            favicon_response = alice.request.get(f"{base_url}{favicon}")
+            results["favicon"] = f"{favicon_response.status} {favicon_response.headers.get('content-type')}"
+
+            for who, page in pages.items():
+                save_screenshot(page, f"room-{who}")
+        finally:
+            browser.close()
+
+
+def evaluate(results: dict) -> list[str]:
+    """The checks that failed, by name."""
+    failures = [name for name, value in results.items() if value is False and name != "ok"]
+    if results.get("http_errors"):
+        failures.append("no_http_errors")
+    posts = results.get("posts", [])
+    if not posts or any(post["content_type"] != "application/json" or not post["body"] for post in posts):
+        failures.append("posts_are_json")
+    if not results.get("favicon", "").startswith("200 image/svg+xml"):
+        failures.append("favicon_served")
+    if not all(str(results.get(key, "")).isdigit() for key in ("create_max_value", "create_max_limit")):
+        failures.append("create_max_from_server")
+    for who in ("alice", "bob"):
+        if not results.get(f"{who}_bytes_after", 0) > results.get(f"{who}_bytes_before", 0):
+            failures.append(f"{who}_audio_bytes_growing")
+        addresses = results.get(f"{who}_candidate_addresses", [])
+        if not addresses or any(address != "127.0.0.1" for address in addresses):
+            failures.append(f"{who}_loopback_candidates_only")
+    return failures
+
+
+def main() -> int:
+    results: dict = {"ok": False}
+    server = None
+    data_dir = tempfile.mkdtemp(prefix="voicebot-e2e-")
+    log_path = Path(data_dir) / "daphne.log"
+    try:
+        with open(log_path, "w") as log_file:
+            port = free_port()
+            base_url = f"http://127.0.0.1:{port}"
+            server = start_server(data_dir, port, log_file)
+            wait_for_server(server, base_url)
+            run_browser(base_url, results)
+        failures = evaluate(results)
+        results["ok"] = not failures
+        if failures:
+            results["error"] = "failed checks: " + ", ".join(failures)
+    except (ScenarioFailure, PlaywrightError, subprocess.TimeoutExpired) as error:
+        results["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        stop_server(server)
+        if not results["ok"] and log_path.exists():
+            sys.stderr.write("--- daphne log (last 4000 characters) ---\n")
+            sys.stderr.write(log_path.read_text()[-4000:] + "\n")
+        shutil.rmtree(data_dir, ignore_errors=True)
+    if not results["ok"]:
+        sys.stderr.write(f"browser room scenario FAILED: {results['error']}\n")
+    print(json.dumps(results), flush=True)
+    return 0 if results["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Alice and Bob meet in a voice room in real chromium, with real WebRTC.
+
+The scenario runs in a fresh network namespace that has only loopback, so
+no media, STUN or DNS traffic can leave the machine and ICE can only succeed
+on 127.0.0.1. See browser_room_scenario.py for the steps.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCENARIO = Path(__file__).with_name("browser_room_scenario.py")
+ROOT = SCENARIO.parents[2]
+TIMEOUT = 180
+
+
+def run_scenario() -> tuple[int, str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY")
+    }
+    # The scenario's path and interpreter go in as arguments, so no quoting is needed.
+    command = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$1"', sys.executable, str(SCENARIO)]
+    # Its own process group, so a timeout also ends the server and browser it started.
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the browser scenario took over {TIMEOUT} s\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}")
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux network namespaces (unshare -n)")
+def test_two_people_talk_and_chat_in_a_room():
+    returncode, stdout, stderr = run_scenario()
+    lines = stdout.strip().splitlines()
+    assert lines, f"the scenario printed nothing (exit {returncode})\nstderr:\n{stderr[-4000:]}"
+    results = json.loads(lines[-1])
+    assert returncode == 0 and results["ok"], f"{results.get('error')}\n{json.dumps(results, indent=2)}\n{stderr[-4000:]}"
+
+    print(
+        "\ntime from opening the landing page to connected audio: "
+        f"Alice {results['alice_open_to_audio_ms']} ms (includes waiting for Bob), "
+        f"Bob {results['bob_open_to_audio_ms']} ms; "
+        f"from opening the room page: Alice {results['alice_room_to_audio_ms']} ms, "
+        f"Bob {results['bob_room_to_audio_ms']} ms"
+    )
+    for who in ("alice", "bob"):
+        assert results[f"{who}_peer_states"] == ["connected"]
+        assert results[f"{who}_bytes_after"] > results[f"{who}_bytes_before"] > 0, f"{who} hears nothing new"
+        assert results[f"{who}_candidate_addresses"] == ["127.0.0.1"]
+    assert results["alice_sees_bob"] and results["bob_sees_alice"]
+    assert results["chat_seen_by_bob"] and results["chat_escaped"]
+    assert results["bob_muted_seen_by_alice"]
+    assert results["delivery_failed_noted"] and results["delivery_failed_keeps_room"]
+    assert results["http_errors"] == []
+    assert results["posts"] and all(
+        post["content_type"] == "application/json" and post["body"] for post in results["posts"]
+    ), results["posts"]
+    assert results["favicon"].startswith("200 image/svg+xml")

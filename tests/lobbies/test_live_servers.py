@@ -1,0 +1,82 @@
+"""Real server processes: the embedded default as the README starts it, and two
+production processes sharing Postgres and Redis."""
+
+import asyncio
+import urllib.request
+
+from tests.conftest import LiveClient, LiveServer
+
+
+
+async def call_between(first: LiveClient, second: LiveClient) -> None:
+    """Two people join one lobby, negotiate, chat and one leaves; both see it all."""
+    await first.join("call")
+    welcome = await second.join("call")
+    assert [peer["name"] for peer in welcome["peers"]] == ["Alice"]
+    joined = await first.receive()
+    assert joined["type"] == "peer_joined" and joined["peer"]["peer_id"] == second.id
+
+    await second.send({"type": "offer", "to": first.id, "sdp": "v=0 offer"})
+    assert await first.receive() == {"type": "offer", "to": first.id, "sdp": "v=0 offer", "from": second.id}
+    await first.send({"type": "answer", "to": second.id, "sdp": "v=0 answer"})
+    assert (await second.receive())["sdp"] == "v=0 answer"
+    candidate = {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", "sdpMid": "0"}
+    await first.send({"type": "ice", "to": second.id, "candidate": candidate})
+    assert (await second.receive())["candidate"] == candidate
+
+    await second.send({"type": "chat", "text": "can you hear me?"})
+    for client in (first, second):
+        chat = await client.receive()
+        assert (chat["name"], chat["text"]) == ("Bob", "can you hear me?")
+
+    await second.close()
+    assert await first.receive() == {"type": "peer_left", "peer_id": second.id}
+    await first.close()
+
+
+async def test_the_embedded_default_serves_a_call(embedded_server: LiveServer) -> None:
+    await call_between(LiveClient(embedded_server, "Alice"), LiveClient(embedded_server, "Bob"))
+
+
+def test_the_embedded_default_serves_pages_and_static_files_without_debug(embedded_server: LiveServer) -> None:
+    page = urllib.request.urlopen(f"{embedded_server.http}/lobby/demo/", timeout=5).read().decode()
+    assert "/static/lobbies/room.js" in page
+
+    script = urllib.request.urlopen(f"{embedded_server.http}/static/lobbies/room.js", timeout=5)
+    assert script.status == 200
+    assert "RTCPeerConnection" in script.read().decode()
+
+
+async def test_two_processes_serve_one_room_together(production_servers: list[LiveServer]) -> None:
+    one, two = production_servers
+
+    await call_between(LiveClient(one, "Alice"), LiveClient(two, "Bob"))
+
+
+async def test_an_idle_connection_stays_open_for_over_a_minute(production_servers: list[LiveServer]) -> None:
+    one, two = production_servers
+    alice, bob = LiveClient(one, "Alice"), LiveClient(two, "Bob")
+    await alice.join("quiet-room")
+    await bob.join("quiet-room")
+    assert (await alice.receive())["type"] == "peer_joined"
+
+    await asyncio.sleep(65)
+
+    await bob.send({"type": "chat", "text": "still there?"})
+    assert (await alice.receive())["text"] == "still there?"
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_server_stops_promptly_on_sigterm_while_people_leave(production_servers: list[LiveServer]) -> None:
+    server = production_servers[0]
+    clients = [LiveClient(server, name) for name in ("Alice", "Bob", "Carol")]
+    for client in clients:
+        await client.join("closing-time")
+
+    for client in clients:
+        await client.close()
+    server.process.terminate()
+
+    exit_code = await asyncio.to_thread(server.process.wait, 10)
+    assert exit_code == 0
