@@ -1,6 +1,8 @@
 import json
+import logging
 import re
 from datetime import UTC, datetime
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -24,6 +26,8 @@ from lobbies.protocol import (
     parse_client_message,
 )
 from lobbies.selectors import session_for_token
+
+logger = logging.getLogger(__name__)
 
 # Application close codes (daphne only sends 1000 and 3000-4999).
 CLOSE_BAD_LOBBY_NAME = 4400
@@ -137,12 +141,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             channel = self.peer_channels.get(message.to)
             if channel is None:
                 raise ProtocolError("unknown_peer", "That peer is not in this lobby.")
-            try:
-                await self.channel_layer.send(
-                    channel, {"type": "lobby.deliver", "frame": {**data, "from": self.peer_id}}
-                )
-            except ChannelFull:
-                raise ProtocolError("delivery_failed", "That peer cannot receive messages right now.")
+            await self.relay(self.channel_layer.send(channel, {"type": "lobby.deliver", "frame": {**data, "from": self.peer_id}}))
         elif isinstance(message, Chat):
             frame = {
                 "type": "chat",
@@ -151,7 +150,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "text": message.text,
                 "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             }
-            await self.channel_layer.group_send(self.group, {"type": "lobby.deliver", "frame": frame})
+            await self.relay(self.channel_layer.group_send(self.group, {"type": "lobby.deliver", "frame": frame}))
         elif isinstance(message, Mute):
             await database_sync_to_async(services.membership_set_muted)(
                 lobby_name=self.lobby_name,
@@ -161,6 +160,16 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             )
         elif isinstance(message, Ping):
             await self.send_frame({"type": "pong"})
+
+    async def relay(self, sending: Awaitable[None]) -> None:
+        """Hand a message to the channel layer; a failure concerns this message only."""
+        try:
+            await sending
+        except ChannelFull:
+            raise ProtocolError("delivery_failed", "That peer cannot receive messages right now.")
+        except Exception:
+            logger.exception("Channel layer send failed in lobby %s", self.lobby_name)
+            raise ProtocolError("delivery_failed", "The message could not be delivered; try again.")
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))
@@ -175,6 +184,10 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         peer_id = event["peer"]["peer_id"]
         if self.peer_id in (None, peer_id) or self.peer_channels.get(peer_id) == event["channel"]:
             return
+        if peer_id in self.peer_channels:
+            # Its old connection's peer_left never came (its server stopped):
+            # tell the client, so it drops the dead peer connection first.
+            await self.send_frame({"type": "peer_left", "peer_id": peer_id})
         self.peer_channels[peer_id] = event["channel"]
         await self.send_frame({"type": "peer_joined", "peer": event["peer"]})
 

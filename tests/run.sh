@@ -37,6 +37,8 @@ fi
 # (SQLite, in-memory layer) start their own servers without these.
 export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/voicebot}"
 export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/9}"
+# Pub/sub channels ignore the database number; the prefix keeps tests apart.
+export CHANNEL_LAYER_PREFIX=voicebot-test
 export DJANGO_SECRET_KEY="${DJANGO_SECRET_KEY:-test-only-secret-key}"
 export VOICEBOT_DATA_DIR="${VOICEBOT_DATA_DIR:-$(mktemp -d)}"
 

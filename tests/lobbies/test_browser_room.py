@@ -40,7 +40,6 @@ def run_scenario() -> tuple[int, str, str]:
     return process.returncode, stdout, stderr
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux network namespaces (unshare -n)")
 def test_two_people_talk_and_chat_in_a_room():
     returncode, stdout, stderr = run_scenario()
     lines = stdout.strip().splitlines()

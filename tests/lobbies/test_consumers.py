@@ -5,11 +5,13 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 
 from lobbies.models import Lobby, Membership
 from lobbies.protocol import MAX_MESSAGE_BYTES
+from lobbies.services import lobby_group
 from tests.conftest import Person, set_channel_capacity
 from voicebot.asgi import application
 
@@ -187,6 +189,22 @@ async def test_joining_again_replaces_the_older_connection(
     assert (await watcher.receive())["type"] == "peer_joined"
     await new.send_json_to({"type": "offer", "to": alice.id, "sdp": "v=0"})
     assert (await watcher.receive())["from"] == bob.id
+
+
+async def test_a_peer_seen_again_on_a_new_connection_is_left_then_joined(
+    connect: Connect, alice: Person, bob: Person
+) -> None:
+    watcher = await connect(alice)
+    await connect(bob)
+    bob_peer = (await watcher.receive())["peer"]
+
+    # As when the peer_left of Bob's old connection was lost with its server.
+    await get_channel_layer().group_send(
+        lobby_group("room"), {"type": "lobby.peer_joined", "peer": bob_peer, "channel": "specific.new!1"}
+    )
+
+    assert await watcher.receive() == {"type": "peer_left", "peer_id": bob.id}
+    assert await watcher.receive() == {"type": "peer_joined", "peer": bob_peer}
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,9 @@ production processes sharing Postgres and Redis."""
 import asyncio
 import urllib.request
 
+import pytest
+import websockets
+
 from tests.conftest import LiveClient, LiveServer
 
 
@@ -36,6 +39,26 @@ async def call_between(first: LiveClient, second: LiveClient) -> None:
 
 async def test_the_embedded_default_serves_a_call(embedded_server: LiveServer) -> None:
     await call_between(LiveClient(embedded_server, "Alice"), LiveClient(embedded_server, "Bob"))
+
+
+async def test_a_message_over_the_servers_frame_limit_closes_only_that_connection(
+    embedded_server: LiveServer,
+) -> None:
+    """Up to 1 MiB a message gets `too_large`; past that daphne drops the connection."""
+    alice, bob = LiveClient(embedded_server, "Alice"), LiveClient(embedded_server, "Bob")
+    await alice.join("big")
+    await bob.join("big")
+    assert (await alice.receive())["type"] == "peer_joined"
+
+    await bob.send({"type": "chat", "text": "x" * (1024 * 1024 + 1)})
+    with pytest.raises(websockets.ConnectionClosedError) as closed:
+        await bob.receive()
+
+    assert closed.value.rcvd is None  # dropped without a close frame: 1006 for the client
+    assert await alice.receive() == {"type": "peer_left", "peer_id": bob.id}
+    await alice.send({"type": "ping"})
+    assert await alice.receive() == {"type": "pong"}
+    await alice.close()
 
 
 def test_the_embedded_default_serves_pages_and_static_files_without_debug(embedded_server: LiveServer) -> None:
