@@ -15,6 +15,7 @@ from django.http.cookie import parse_cookie
 
 from lobbies import services
 from lobbies.models import LOBBY_NAME_PATTERN
+from lobbies.presence import presence
 from lobbies.publisher import publisher
 from lobbies.protocol import (
     SIGNALING_TYPES,
@@ -76,6 +77,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # Accept first: a refused handshake is invisible to browsers, a close code is not.
         await self.accept()
         publisher.attach()
+        presence.attach()
         self.peer_channels: dict[str, str] = {}
         self.lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
         if not re.match(LOBBY_NAME_PATTERN, self.lobby_name):
@@ -103,6 +105,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
 
         self.peer_id = joined.peer["peer_id"]
         self.name = session.name
+        presence.add(self.channel_name, joined.membership_id)
         self.peer_channels = {peer["peer_id"]: channel for peer, channel in joined.peers}
         await self.send_frame(
             {
@@ -120,10 +123,14 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.close(code=close_code)
 
     async def disconnect(self, close_code: int) -> None:
+        presence.discard(self.channel_name)
         if self.peer_id is None:
             return
         await self.channel_layer.group_discard(self.group, self.channel_name)
-        await database_sync_to_async(services.lobby_leave)(
+        # 1000 is a deliberate leave; anything else is a drop, and the place is
+        # kept for the session to resume.
+        end = services.lobby_leave if close_code == 1000 else services.lobby_disconnect
+        await database_sync_to_async(end)(
             lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
         )
 
@@ -199,13 +206,23 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "peer_left", "peer_id": peer_id})
 
     async def lobby_peer_updated(self, event: dict[str, Any]) -> None:
-        if self.peer_id is not None:
-            await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
+        if self.peer_id is None:
+            return
+        peer_id = event["peer"]["peer_id"]
+        if peer_id == self.peer_id:
+            # Our own resume is told by the welcome; other news of us (mute) is passed on.
+            if "channel" in event or event["peer"]["state"] != "connected":
+                return
+        elif "channel" in event:
+            # The peer resumed on a new connection.
+            self.peer_channels[peer_id] = event["channel"]
+        await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
 
     async def lobby_replaced(self, event: dict[str, Any]) -> None:
         if self.peer_id is None:
             return
         await self.send_frame(error_frame("replaced", "You joined this lobby from another connection."))
         await self.channel_layer.group_discard(self.group, self.channel_name)
+        presence.discard(self.channel_name)
         self.peer_id = None
         await self.close(code=CLOSE_REPLACED)

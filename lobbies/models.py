@@ -5,6 +5,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 # Letters and digits of any script, "-" and "_": safe in a URL path segment
 # and easy to read out loud.
@@ -71,10 +72,15 @@ class Lobby(models.Model):
 
 class Membership(models.Model):
     """A session's stay in a lobby. Rows with no `left_at` are the live roster;
-    the others are the room's history."""
+    the others are the room's history.
+
+    A connection that drops is `reconnecting`: it keeps its place for the
+    resume grace period, and a new connection of the same session takes it up.
+    """
 
     class State(models.TextChoices):
         CONNECTED = "connected"
+        RECONNECTING = "reconnecting"
         LEFT = "left"
 
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="memberships")
@@ -84,6 +90,10 @@ class Membership(models.Model):
     # The consumer's channel, so signaling can be sent straight to the peer.
     channel_name = models.CharField(max_length=200, blank=True)
     joined_at = models.DateTimeField(auto_now_add=True)
+    # Refreshed in batches while a server process holds the connection; a live
+    # row that stops being refreshed belonged to a process that died.
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    disconnected_at = models.DateTimeField(null=True, blank=True)
     left_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -98,6 +108,9 @@ class Membership(models.Model):
         indexes = [
             models.Index(
                 fields=["lobby", "joined_at"], condition=Q(left_at__isnull=True), name="live_roster"
+            ),
+            models.Index(
+                fields=["state", "last_seen_at"], condition=Q(left_at__isnull=True), name="live_presence"
             ),
         ]
 

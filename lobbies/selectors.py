@@ -14,6 +14,7 @@ class Peer(TypedDict):
     name: str
     bot: bool
     muted: bool
+    state: str
 
 
 def token_hash(token: str) -> str:
@@ -32,6 +33,7 @@ def peer_of(membership: Membership) -> Peer:
         "name": membership.session.name,
         "bot": membership.session.is_bot,
         "muted": membership.muted,
+        "state": membership.state,
     }
 
 

@@ -183,13 +183,24 @@ def embedded_server(tmp_path: Path) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def production_servers(transactional_db: None, tmp_path: Path) -> Iterator[list[LiveServer]]:
-    """Two server processes sharing the test database and Redis."""
-    env = production_env()
-    servers = [start_server(env, tmp_path / f"server-{i}.log") for i in range(2)]
-    yield servers
+def start_production_server(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Starts server processes sharing the test database and Redis; stops them all afterwards."""
+    servers: list[LiveServer] = []
+
+    def start(**extra_env: str) -> LiveServer:
+        server = start_server({**production_env(), **extra_env}, tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def production_servers(start_production_server: Callable[..., LiveServer]) -> list[LiveServer]:
+    """Two server processes sharing the test database and Redis."""
+    return [start_production_server(), start_production_server()]
 
 
 def http_json(url: str, body: dict | None = None, token: str = "") -> dict:
@@ -211,7 +222,9 @@ class LiveClient:
         self.token: str = session["token"]
         self.socket: websockets.ClientConnection | None = None
 
-    async def join(self, lobby: str) -> dict:
+    async def join(self, lobby: str, server: LiveServer | None = None) -> dict:
+        """Connect to the lobby, on `server` if given (a reconnection may land on another process)."""
+        self.server = server or self.server
         url = f"{self.server.ws}/ws/lobby/{lobby}/?token={self.token}"
         self.socket = await websockets.connect(url, open_timeout=10)
         welcome = await self.receive()
@@ -224,6 +237,7 @@ class LiveClient:
     async def receive(self, timeout: float = 5) -> dict:
         return json.loads(await asyncio.wait_for(self.socket.recv(), timeout))
 
-    async def close(self) -> None:
+    async def close(self, code: int = 1000) -> None:
+        """Leave (1000) or, with another code, drop the connection as a lost network would."""
         if self.socket is not None:
-            await self.socket.close()
+            await self.socket.close(code=code)

@@ -213,5 +213,10 @@ if not isinstance(VOICEBOT_ICE_SERVERS, list):
 LOBBY_DEFAULT_MAX_PARTICIPANTS = env_int("LOBBY_DEFAULT_MAX_PARTICIPANTS", 12)
 LOBBY_MAX_PARTICIPANTS_LIMIT = env_int("LOBBY_MAX_PARTICIPANTS_LIMIT", 50)
 LOBBY_LIST_LIMIT = env_int("LOBBY_LIST_LIMIT", 100)
+# How long a dropped participant keeps its place, waiting to resume.
+LOBBY_RESUME_GRACE_SECONDS = env_int("LOBBY_RESUME_GRACE_SECONDS", 30)
+# How often each server process records that its connections are alive, and
+# ends the stays of participants who did not come back in time.
+PRESENCE_INTERVAL_SECONDS = env_int("PRESENCE_INTERVAL_SECONDS", 5)
 if not 1 <= LOBBY_DEFAULT_MAX_PARTICIPANTS <= LOBBY_MAX_PARTICIPANTS_LIMIT:
     raise ImproperlyConfigured("LOBBY_DEFAULT_MAX_PARTICIPANTS must be from 1 to LOBBY_MAX_PARTICIPANTS_LIMIT.")

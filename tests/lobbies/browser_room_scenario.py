@@ -9,10 +9,15 @@ It starts the server on the embedded default in a temporary directory, drives
 Debian's chromium through the landing and room pages as Alice and Bob, and
 prints one JSON object with what it measured on its last stdout line. It exits
 non-zero, with the reason on stderr and in the JSON "error", when anything fails.
+
+After the meeting itself it restarts the server on the same port and data
+directory (both pages must reconnect on their own, still see each other and hear
+each other again), then reloads Bob's page (Alice must see the same Bob back).
 """
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -51,6 +56,12 @@ STEP_TIMEOUT_MS = 15_000
 # From both people being in the room to audio flowing both ways.
 AUDIO_TIMEOUT = 30
 BYTES_GROWTH_WINDOW = 2.0
+# From the server answering again (or Bob's reload) to both pages connected and
+# hearing each other on fresh peer connections. The pages' backoff is capped at
+# 15 s, and the server is down for a few seconds only.
+RECONNECT_TIMEOUT = 30
+# The room page greys its participants and chat with this class while it reconnects.
+STALE = re.compile(r"\bstale\b")
 
 # Sums inbound audio and lists the ICE candidate pairs in use, per peer connection.
 PROBE_JS = """
@@ -58,9 +69,9 @@ async () => {
   const room = window.voicebotRoom;
   const result = { now: Date.now(), selfId: room ? room.selfId : null, peers: [] };
   if (!room) return result;
-  for (const [peerId, pc] of room.peers) {
+  for (const { peerId, serial, pc } of room.links) {
     const stats = await pc.getStats();
-    const peer = { peerId, state: pc.connectionState, bytesReceived: 0, pairs: [] };
+    const peer = { peerId, serial, state: pc.connectionState, bytesReceived: 0, pairs: [] };
     stats.forEach((report) => {
       if (report.type === 'inbound-rtp' && report.kind === 'audio') {
         peer.bytesReceived += report.bytesReceived || 0;
@@ -124,14 +135,15 @@ def server_env(data_dir: str) -> dict[str, str]:
     return env
 
 
-def start_server(data_dir: str, port: int, log_file) -> subprocess.Popen:
+def start_server(data_dir: str, port: int, log_file, migrate: bool = True) -> subprocess.Popen:
     env = server_env(data_dir)
-    migrate = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    if migrate.returncode != 0:
-        raise ScenarioFailure(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+    if migrate:
+        migration = subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )
+        if migration.returncode != 0:
+            raise ScenarioFailure(f"migrate failed:\n{migration.stdout}\n{migration.stderr}")
     return subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "voicebot.asgi:application"],
         cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
@@ -164,6 +176,23 @@ def stop_server(server: subprocess.Popen | None) -> None:
         server.wait(timeout=10)
 
 
+class Server:
+    """The daphne process, which the scenario stops and starts again on the same port and data."""
+
+    def __init__(self, data_dir: str, port: int, log_file) -> None:
+        self.data_dir, self.port, self.log_file = data_dir, port, log_file
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, migrate: bool = True) -> None:
+        self.process = start_server(self.data_dir, self.port, self.log_file, migrate=migrate)
+        wait_for_server(self.process, self.base_url)
+
+    def stop(self) -> None:
+        """SIGTERM, as a service manager would send."""
+        stop_server(self.process)
+
+
 def save_screenshot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
@@ -176,9 +205,9 @@ def open_landing(page: Page, base_url: str, name: str) -> float:
     return page.evaluate("performance.timeOrigin")
 
 
-def wait_until_connected(page: Page, who: str) -> None:
+def wait_until_connected(page: Page, who: str, timeout_ms: float = STEP_TIMEOUT_MS) -> None:
     try:
-        expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected")
+        expect(page.locator("#connection-status")).to_have_attribute("data-state", "connected", timeout=timeout_ms)
     except AssertionError:
         status = page.locator("#connection-status").text_content()
         raise ScenarioFailure(f"{who} did not connect to the lobby; status: {status!r}")
@@ -235,29 +264,57 @@ def probe(page: Page) -> dict:
     return page.evaluate(PROBE_JS)
 
 
-def audio_connected(sample: dict) -> bool:
-    return any(peer["state"] == "connected" and peer["bytesReceived"] > 0 for peer in sample["peers"])
+def audio_connected(sample: dict, newer_than: int = 0) -> bool:
+    """Audio arrives on a connected peer connection built after serial `newer_than`."""
+    return any(
+        peer["state"] == "connected" and peer["bytesReceived"] > 0 and peer["serial"] > newer_than
+        for peer in sample["peers"]
+    )
 
 
-def wait_for_audio(pages: dict[str, Page]) -> dict[str, dict]:
-    """Poll every page until each has connected audio; returns each page's first such sample."""
+def newest_serial(sample: dict) -> int:
+    return max((peer["serial"] for peer in sample["peers"]), default=0)
+
+
+def wait_for_audio(
+    pages: dict[str, Page], newer_than: dict[str, int] | None = None, timeout: float = AUDIO_TIMEOUT
+) -> dict[str, dict]:
+    """Poll every page until each has connected audio (on a peer connection newer
+    than the given serial, if any); returns each page's first such sample."""
+    newer_than = newer_than or {}
     first: dict[str, dict] = {}
     last: dict[str, dict] = {}
-    deadline = time.monotonic() + AUDIO_TIMEOUT
+    deadline = time.monotonic() + timeout
     while len(first) < len(pages):
         if time.monotonic() > deadline:
             missing = sorted(set(pages) - set(first))
             raise ScenarioFailure(
-                f"no connected audio within {AUDIO_TIMEOUT} s for {missing}; last probes: {json.dumps(last)}"
+                f"no connected audio within {timeout} s for {missing}; last probes: {json.dumps(last)}"
             )
         for who, page in pages.items():
             if who in first:
                 continue
             last[who] = probe(page)
-            if audio_connected(last[who]):
+            if audio_connected(last[who], newer_than.get(who, 0)):
                 first[who] = last[who]
         time.sleep(0.05)
     return first
+
+
+def measure_bytes_growth(pages: dict[str, Page], results: dict, prefix: str) -> dict[str, dict]:
+    before = {who: probe(page) for who, page in pages.items()}
+    time.sleep(BYTES_GROWTH_WINDOW)
+    after = {who: probe(page) for who, page in pages.items()}
+    for who in pages:
+        results[f"{prefix}{who}_bytes_before"] = received_bytes(before[who])
+        results[f"{prefix}{who}_bytes_after"] = received_bytes(after[who])
+        results[f"{prefix}{who}_peer_states"] = [peer["state"] for peer in after[who]["peers"]]
+    return after
+
+
+def epoch_ms() -> int:
+    """The same clock as the pages' Date.now(): all run on this machine."""
+    return round(time.time() * 1000)
 
 
 def received_bytes(sample: dict) -> int:
@@ -283,7 +340,115 @@ def participant(page: Page, peer_id: str):
     return page.locator(f'#participants li[data-peer-id="{peer_id}"]')
 
 
-def run_browser(base_url: str, results: dict) -> None:
+def shows_connected_peer(page: Page, peer_id: str, name: str) -> None:
+    item = participant(page, peer_id)
+    expect(item).to_contain_text(name)
+    expect(item).to_have_attribute("data-state", "connected")
+    expect(item.locator(".badge-reconnecting")).to_be_hidden()
+
+
+def status_history(page: Page) -> list[dict]:
+    return page.evaluate("window.voicebotRoom.statusLog")
+
+
+def server_restart(pages: dict[str, Page], server: Server, ids: dict[str, str], results: dict) -> None:
+    """SIGTERM the server and start it again: both pages come back on their own."""
+    alice, bob = pages["alice"], pages["bob"]
+    names = {"alice": "Alice", "bob": "Bob"}
+    other = {"alice": "bob", "bob": "alice"}
+    serials = {who: newest_serial(probe(page)) for who, page in pages.items()}
+    log_start = {who: len(status_history(page)) for who, page in pages.items()}
+
+    server.stop()
+    stopped = epoch_ms()
+    for who, page in pages.items():
+        check(
+            results,
+            f"restart_{who}_shows_reconnecting",
+            lambda page=page: (
+                expect(page.locator("#connection-status")).to_have_attribute("data-state", "reconnecting"),
+                expect(page.locator("#connection-status")).to_contain_text("Reconnecting… (attempt"),
+            ),
+        )
+        # The room stays on screen, greyed, while the page tries to come back.
+        check(
+            results,
+            f"restart_{who}_keeps_room_while_reconnecting",
+            lambda page=page, who=who: (
+                expect(participant(page, ids[other[who]])).to_contain_text(names[other[who]]),
+                expect(page.locator("#room-ui")).to_have_class(STALE),
+                expect(page.locator("#chat-log")).to_contain_text(CHAT_TEXT),
+                expect(page.locator("#chat-input")).to_be_disabled(),
+            ),
+        )
+        save_screenshot(page, f"reconnecting-{who}")
+
+    server.start(migrate=False)
+    restarted = epoch_ms()
+    results["restart_server_down_ms"] = restarted - stopped
+    # No click: each page must get there by itself.
+    for who, page in pages.items():
+        wait_until_connected(page, who, timeout_ms=RECONNECT_TIMEOUT * 1000)
+    first = wait_for_audio(pages, newer_than=serials, timeout=RECONNECT_TIMEOUT)
+    for who in pages:
+        results[f"restart_{who}_to_audio_ms"] = first[who]["now"] - restarted
+        results[f"restart_{who}_same_peer_id"] = first[who]["selfId"] == ids[who]
+        log = status_history(pages[who])[log_start[who]:]
+        results[f"restart_{who}_status_log"] = [entry["text"] for entry in log]
+        results[f"restart_{who}_reconnected_after_reconnecting"] = (
+            any(entry["state"] == "reconnecting" for entry in log) and log[-1]["state"] == "connected"
+        )
+        check(
+            results,
+            f"restart_{who}_sees_{other[who]}",
+            lambda who=who: shows_connected_peer(pages[who], ids[other[who]], names[other[who]]),
+        )
+        check(
+            results,
+            f"restart_{who}_room_not_stale",
+            lambda who=who: (
+                expect(pages[who].locator("#room-ui")).not_to_have_class(STALE),
+                expect(pages[who].locator("#chat-input")).to_be_enabled(),
+                expect(participant(pages[who], ids[who])).to_have_attribute("data-state", "connected"),
+            ),
+        )
+    check(
+        results,
+        "restart_bob_mute_kept",
+        lambda: expect(participant(alice, ids["bob"]).locator(".badge-muted")).to_be_visible(),
+    )
+    measure_bytes_growth(pages, results, "restart_")
+    for who, page in pages.items():
+        save_screenshot(page, f"restarted-{who}")
+
+
+def bob_reloads(pages: dict[str, Page], ids: dict[str, str], results: dict) -> None:
+    """Bob reloads his page: the same Bob (same peer id) comes back, and audio with him."""
+    alice, bob = pages["alice"], pages["bob"]
+    serials = {"alice": newest_serial(probe(alice)), "bob": 0}
+    reloaded = epoch_ms()
+    bob.reload()
+    wait_until_connected(bob, "Bob", timeout_ms=RECONNECT_TIMEOUT * 1000)
+    first = wait_for_audio(pages, newer_than=serials, timeout=RECONNECT_TIMEOUT)
+    for who in pages:
+        results[f"reload_{who}_to_audio_ms"] = first[who]["now"] - reloaded
+    results["reload_bob_same_peer_id"] = first["bob"]["selfId"] == ids["bob"]
+    check(results, "reload_alice_sees_bob", lambda: shows_connected_peer(alice, ids["bob"], "Bob"))
+    check(results, "reload_bob_sees_alice", lambda: shows_connected_peer(bob, ids["alice"], "Alice"))
+    check(results, "reload_alice_sees_two", lambda: expect(alice.locator("#participants li")).to_have_count(2))
+    # A reloaded page starts unmuted, and says so.
+    check(
+        results,
+        "reload_bob_unmuted_seen_by_alice",
+        lambda: expect(participant(alice, ids["bob"]).locator(".badge-muted")).to_be_hidden(),
+    )
+    measure_bytes_growth(pages, results, "reload_")
+    for who, page in pages.items():
+        save_screenshot(page, f"reloaded-{who}")
+
+
+def run_browser(server: Server, results: dict) -> None:
+    base_url = server.base_url
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60_000
@@ -360,6 +525,10 @@ def run_browser(base_url: str, results: dict) -> None:
 
             for who, page in pages.items():
                 save_screenshot(page, f"room-{who}")
+
+            ids = {"alice": alice_id, "bob": bob_id}
+            server_restart(pages, server, ids, results)
+            bob_reloads(pages, ids, results)
         finally:
             browser.close()
 
@@ -377,8 +546,11 @@ def evaluate(results: dict) -> list[str]:
     if not all(str(results.get(key, "")).isdigit() for key in ("create_max_value", "create_max_limit")):
         failures.append("create_max_from_server")
     for who in ("alice", "bob"):
-        if not results.get(f"{who}_bytes_after", 0) > results.get(f"{who}_bytes_before", 0):
-            failures.append(f"{who}_audio_bytes_growing")
+        for prefix in ("", "restart_", "reload_"):
+            if not results.get(f"{prefix}{who}_bytes_after", 0) > results.get(f"{prefix}{who}_bytes_before", 0):
+                failures.append(f"{prefix}{who}_audio_bytes_growing")
+            if results.get(f"{prefix}{who}_peer_states") != ["connected"]:
+                failures.append(f"{prefix}{who}_one_connected_peer")
         addresses = results.get(f"{who}_candidate_addresses", [])
         if not addresses or any(address != "127.0.0.1" for address in addresses):
             failures.append(f"{who}_loopback_candidates_only")
@@ -392,11 +564,9 @@ def main() -> int:
     log_path = Path(data_dir) / "daphne.log"
     try:
         with open(log_path, "w") as log_file:
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            server = start_server(data_dir, port, log_file)
-            wait_for_server(server, base_url)
-            run_browser(base_url, results)
+            server = Server(data_dir, free_port(), log_file)
+            server.start()
+            run_browser(server, results)
         failures = evaluate(results)
         results["ok"] = not failures
         if failures:
@@ -404,7 +574,8 @@ def main() -> int:
     except (ScenarioFailure, PlaywrightError, subprocess.TimeoutExpired) as error:
         results["error"] = f"{type(error).__name__}: {error}"
     finally:
-        stop_server(server)
+        if server is not None:
+            server.stop()
         if not results["ok"] and log_path.exists():
             sys.stderr.write("--- daphne log (last 4000 characters) ---\n")
             sys.stderr.write(log_path.read_text()[-4000:] + "\n")

@@ -80,7 +80,7 @@ async def test_welcome_describes_the_lobby_and_the_others(connect: Connect, alic
         "peer_id": bob.id,
         "name": "Bob",
         "lobby": {"name": "room", "max_participants": 12},
-        "peers": [{"peer_id": alice.id, "name": "Alice", "bot": False, "muted": False}],
+        "peers": [{"peer_id": alice.id, "name": "Alice", "bot": False, "muted": False, "state": "connected"}],
         "ice_servers": [],
     }
 
@@ -91,7 +91,7 @@ async def test_the_others_see_a_newcomer_join(connect: Connect, alice: Person, b
 
     assert await first.receive() == {
         "type": "peer_joined",
-        "peer": {"peer_id": bob.id, "name": "Bob", "bot": False, "muted": False},
+        "peer": {"peer_id": bob.id, "name": "Bob", "bot": False, "muted": False, "state": "connected"},
     }
 
 
@@ -185,10 +185,16 @@ async def test_joining_again_replaces_the_older_connection(
 
     await old.expect_error("replaced")
     await old.closed_with(4409)
-    assert await watcher.receive() == {"type": "peer_left", "peer_id": bob.id}
-    assert (await watcher.receive())["type"] == "peer_joined"
+    assert [(await watcher.receive())["peer"]["state"] for _ in range(2)] == ["reconnecting", "connected"]
+    assert new.welcome["peer_id"] == bob.id
     await new.send_json_to({"type": "offer", "to": alice.id, "sdp": "v=0"})
     assert (await watcher.receive())["from"] == bob.id
+    await alice_sends_offer_to(watcher, bob, new)
+
+
+async def alice_sends_offer_to(sender: Client, person: Person, receiver: Client) -> None:
+    await sender.send_json_to({"type": "offer", "to": person.id, "sdp": "v=0 to the new connection"})
+    assert (await receiver.receive())["sdp"] == "v=0 to the new connection"
 
 
 async def test_a_peer_seen_again_on_a_new_connection_is_left_then_joined(
@@ -282,7 +288,7 @@ async def test_mute_is_seen_by_everyone_and_kept(connect: Connect, alice: Person
 
     await muter.send_json_to({"type": "mute", "muted": True})
 
-    expected = {"type": "peer_updated", "peer": {"peer_id": alice.id, "name": "Alice", "bot": False, "muted": True}}
+    expected = {"type": "peer_updated", "peer": {"peer_id": alice.id, "name": "Alice", "bot": False, "muted": True, "state": "connected"}}
     assert await other.receive() == expected
     assert await muter.receive() == expected
     assert await Membership.objects.filter(session_id=alice.id, left_at__isnull=True, muted=True).aexists()

@@ -2,7 +2,9 @@
 production processes sharing Postgres and Redis."""
 
 import asyncio
+import signal
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 import websockets
@@ -55,7 +57,8 @@ async def test_a_message_over_the_servers_frame_limit_closes_only_that_connectio
         await bob.receive()
 
     assert closed.value.rcvd is None  # dropped without a close frame: 1006 for the client
-    assert await alice.receive() == {"type": "peer_left", "peer_id": bob.id}
+    update = await alice.receive()
+    assert (update["type"], update["peer"]["peer_id"], update["peer"]["state"]) == ("peer_updated", bob.id, "reconnecting")
     await alice.send({"type": "ping"})
     assert await alice.receive() == {"type": "pong"}
     await alice.close()
@@ -103,3 +106,60 @@ async def test_a_server_stops_promptly_on_sigterm_while_people_leave(production_
 
     exit_code = await asyncio.to_thread(server.process.wait, 10)
     assert exit_code == 0
+
+
+async def restart(start: Callable[..., LiveServer], servers: list[LiveServer]) -> list[LiveServer]:
+    for server in servers:
+        server.stop()
+    return [start() for _ in servers]
+
+
+async def test_a_restart_of_every_process_loses_no_session_and_no_lobby(
+    start_production_server: Callable[..., LiveServer],
+) -> None:
+    servers = [start_production_server(), start_production_server()]
+    alice, bob = LiveClient(servers[0], "Alice"), LiveClient(servers[1], "Bob")
+    await alice.join("sturdy")
+    await bob.join("sturdy")
+    assert (await alice.receive())["type"] == "peer_joined"
+
+    servers = await restart(start_production_server, servers)
+
+    # Each comes back on the other process.
+    alice_back = await alice.join("sturdy", server=servers[1])
+    assert alice_back["peer_id"] == alice.id
+    assert [peer["peer_id"] for peer in alice_back["peers"]] == [bob.id]
+    bob_back = await bob.join("sturdy", server=servers[0])
+    assert bob_back["peer_id"] == bob.id
+    assert [peer["peer_id"] for peer in bob_back["peers"]] == [alice.id]
+    assert [(await alice.receive())["peer"]["state"] for _ in range(2)] == ["reconnecting", "connected"]
+
+    await alice.send({"type": "offer", "to": bob.id, "sdp": "v=0 after the restart"})
+    assert (await bob.receive())["sdp"] == "v=0 after the restart"
+    await alice.close()
+    await bob.close()
+
+
+async def test_a_killed_process_loses_its_people_to_the_other_one(
+    start_production_server: Callable[..., LiveServer],
+) -> None:
+    quick = {"LOBBY_RESUME_GRACE_SECONDS": "2", "PRESENCE_INTERVAL_SECONDS": "1"}
+    doomed, survivor = start_production_server(**quick), start_production_server(**quick)
+    alice, bob, carol = LiveClient(doomed, "Alice"), LiveClient(survivor, "Bob"), LiveClient(doomed, "Carol")
+    for client in (alice, bob, carol):
+        await client.join("fragile")
+    assert (await bob.receive())["peer"]["name"] == "Carol"
+
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait()
+    back = await alice.join("fragile", server=survivor)
+
+    assert back["peer_id"] == alice.id
+    assert [(await bob.receive())["peer"]["state"] for _ in range(2)] == ["reconnecting", "connected"]
+    await bob.send({"type": "chat", "text": "welcome back"})
+    for client in (alice, bob):
+        assert (await client.receive())["text"] == "welcome back"
+    # Carol never comes back: the survivor ends her stay once her rows go stale.
+    assert await bob.receive(timeout=15) == {"type": "peer_left", "peer_id": carol.id}
+    await alice.close()
+    await bob.close()

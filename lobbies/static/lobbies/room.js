@@ -6,6 +6,18 @@
   const { loadSession, forgetSession, lastName, normalizeName, api, createSession } = window.voicebotSession;
   // Keeps proxies and load balancers from closing a quiet socket.
   const PING_MS = 25000;
+  // A ping with no frame at all back within this time means a dead connection.
+  const PONG_TIMEOUT_MS = 10000;
+  // From opening the socket to the welcome; longer means the server is not answering.
+  const HANDSHAKE_TIMEOUT_MS = 10000;
+  // Reconnection backoff: full jitter, a random wait between 0 and a cap that
+  // doubles from RECONNECT_BASE_MS with every failed attempt, up to RECONNECT_MAX_MS.
+  const RECONNECT_BASE_MS = 500;
+  const RECONNECT_MAX_MS = 15000;
+  // Our own close that says we are gone for good; any other close is a drop.
+  const CLOSE_LEAVING = 1000;
+  // Our own close of a socket that stopped answering: we mean to come back.
+  const CLOSE_STALE = 4000;
   const METER_MS = 100;
   const SPEAKING_RMS = 0.02;
   // Speech has short gaps; holding the indicator keeps it from flickering.
@@ -18,6 +30,7 @@
     4403: 'the lobby is full.',
     4409: 'you joined this lobby from another tab or window.',
   };
+  const CLOSE_SESSION_INVALID = 4401;
 
   const $ = (id) => document.getElementById(id);
   const lobbyName = $('room').dataset.lobbyName;
@@ -30,12 +43,22 @@
     localStream: null,
     muted: false,
     leaving: false,
-    // Why we closed the socket ourselves, shown instead of "connection lost".
+    // Why we closed the socket ourselves for good, shown instead of "connection lost".
     closeReason: '',
+    // 'connecting' | 'connected' | 'reconnecting' | 'disconnected', as shown in the status.
+    connection: 'connecting',
+    welcomes: 0, // welcomes received on this page; more than one means resumed
+    reconnectAttempt: 0, // attempts since the last welcome
+    reconnectTimer: null,
+    handshakeTimer: null,
+    lastFrameAt: 0,
+    lastClose: null, // {code, reason} of the last socket close
+    statusLog: [], // recent status changes, for the browser test
+    linkSerial: 0,
     pingTimer: null,
     noticeTimer: null,
-    participants: new Map(), // peer_id -> {peer_id, name, bot, muted}, oneself included
-    links: new Map(), // peer_id -> {peerId, pc, pendingCandidates, queue, audio, closed}
+    participants: new Map(), // peer_id -> {peer_id, name, bot, muted, state}, oneself included
+    links: new Map(), // peer_id -> {peerId, serial, pc, pendingCandidates, queue, audio, closed}
     meters: new Map(), // peer_id -> {source, analyser, samples, loudUntil}
   };
   let audioContext = null;
@@ -47,6 +70,31 @@
     },
     get peers() {
       return new Map([...state.links].map(([peerId, link]) => [peerId, link.pc]));
+    },
+    // Every peer connection gets a new serial, so a rebuilt one can be told from the old.
+    get links() {
+      return [...state.links.values()].map(({ peerId, serial, pc }) => ({ peerId, serial, pc }));
+    },
+    get participants() {
+      return [...state.participants.values()].map((peer) => ({ ...peer }));
+    },
+    get connection() {
+      return state.connection;
+    },
+    get socketState() {
+      return state.socket ? ['connecting', 'open', 'closing', 'closed'][state.socket.readyState] : 'none';
+    },
+    get reconnectAttempts() {
+      return state.reconnectAttempt;
+    },
+    get welcomes() {
+      return state.welcomes;
+    },
+    get lastClose() {
+      return state.lastClose && { ...state.lastClose };
+    },
+    get statusLog() {
+      return state.statusLog.map((entry) => ({ ...entry }));
     },
   };
 
@@ -99,6 +147,11 @@
     const status = $('connection-status');
     status.dataset.state = connection;
     status.textContent = text;
+    state.connection = connection;
+    // While reconnecting, the participants and chat stay on screen, greyed: they may be out of date.
+    $('room-ui').classList.toggle('stale', connection === 'reconnecting');
+    state.statusLog.push({ state: connection, text, at: Date.now() });
+    if (state.statusLog.length > 100) state.statusLog.shift();
   }
 
   function showDisconnected(reason) {
@@ -137,16 +190,24 @@
     return item;
   }
 
+  // A server that predates resume sends no state: everyone it lists is connected.
+  function peerState(peer) {
+    return peer && peer.state === 'reconnecting' ? 'reconnecting' : 'connected';
+  }
+
   function showParticipant(peer) {
+    peer = { ...peer, state: peerState(peer) };
     state.participants.set(peer.peer_id, peer);
     const item = participantItem(peer.peer_id);
     const isSelf = peer.peer_id === state.selfId;
     item.classList.toggle('self', isSelf);
     item.dataset.muted = String(peer.muted);
+    item.dataset.state = peer.state;
     item.querySelector('.participant-name').textContent = peer.name;
     item.querySelector('.badge-you').hidden = !isSelf;
     item.querySelector('.badge-bot').hidden = !peer.bot;
     item.querySelector('.badge-muted').hidden = !peer.muted;
+    item.querySelector('.badge-reconnecting').hidden = peer.state !== 'reconnecting';
     if (isSelf) showPeerState(peer.peer_id, state.localStream ? '' : 'listen-only');
   }
 
@@ -170,22 +231,65 @@
     }
   }
 
-  async function join() {
-    setStatus('connecting', 'Connecting…');
+  // A first join, or a rejoin after a close that ended the stay (the Rejoin button).
+  function join() {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
+    state.reconnectAttempt = 0;
     $('rejoin-button').hidden = true;
+    setStatus('connecting', 'Connecting…');
+    connect();
+  }
+
+  // One attempt: point the cookie at this tab's session, then open the socket.
+  async function connect() {
+    let known;
     try {
-      while (!(await resumeSession(state.session))) {
-        // The server no longer knows this tab's session: start a new one.
-        forgetSession();
-        state.session = await askForName();
-        $('room-ui').hidden = false;
-        setStatus('connecting', 'Connecting…');
-      }
+      known = await resumeSession(state.session);
     } catch {
-      showDisconnected('could not reach the server.');
+      // The server is not answering (restarting, or the network is gone): try again later.
+      if (!state.leaving) scheduleReconnect();
       return;
     }
-    openSocket();
+    if (state.leaving) return;
+    if (known) {
+      openSocket();
+    } else {
+      await startOver();
+    }
+  }
+
+  // The server no longer knows this tab's session: ask for a name and start a new one.
+  async function startOver() {
+    leaveRoomState();
+    forgetSession();
+    state.session = await askForName();
+    $('room-ui').hidden = false;
+    join();
+  }
+
+  function scheduleReconnect() {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectAttempt += 1;
+    const cap = Math.min(RECONNECT_MAX_MS, RECONNECT_BASE_MS * 2 ** (state.reconnectAttempt - 1));
+    const delay = Math.random() * cap;
+    if (state.welcomes > 0) {
+      setStatus('reconnecting', `Reconnecting… (attempt ${state.reconnectAttempt})`);
+    } else {
+      setStatus('connecting', `Connecting… (attempt ${state.reconnectAttempt})`);
+    }
+    state.reconnectTimer = setTimeout(() => {
+      state.reconnectTimer = null;
+      connect();
+    }, delay);
+  }
+
+  // Back online: waiting out the backoff would only delay the return.
+  function reconnectNow() {
+    if (state.reconnectTimer === null || state.leaving) return;
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
+    connect();
   }
 
   function openSocket() {
@@ -193,13 +297,32 @@
     const socket = new WebSocket(`${scheme}${location.host}/ws/lobby/${encodeURIComponent(lobbyName)}/`);
     state.socket = socket;
     state.closeReason = '';
-    // A socket replaced by a rejoin may still fire; only the current one counts.
+    state.handshakeTimer = setTimeout(() => dropSocket(socket), HANDSHAKE_TIMEOUT_MS);
+    // A socket we gave up on may still fire; only the current one counts.
     socket.addEventListener('message', (event) => {
-      if (state.socket === socket) handleFrame(JSON.parse(event.data));
+      if (state.socket !== socket) return;
+      state.lastFrameAt = performance.now();
+      handleFrame(JSON.parse(event.data));
     });
     socket.addEventListener('close', (event) => {
-      if (state.socket === socket) onSocketClosed(event);
+      if (state.socket === socket) onSocketClosed(event.code, event.reason);
     });
+  }
+
+  // Give up on a socket that stopped answering without waiting for its close,
+  // which may take minutes on a dead network. The close code says we come back.
+  function dropSocket(socket) {
+    if (state.socket !== socket) return;
+    socket.close(CLOSE_STALE, 'no answer');
+    onSocketClosed(CLOSE_STALE, 'no answer');
+  }
+
+  function sendPing(socket) {
+    const sentAt = performance.now();
+    send({ type: 'ping' });
+    setTimeout(() => {
+      if (state.lastFrameAt < sentAt) dropSocket(socket);
+    }, PONG_TIMEOUT_MS);
   }
 
   function handleFrame(frame) {
@@ -212,31 +335,47 @@
     peer_joined: (frame) => onPeerJoined(frame.peer),
     peer_left: (frame) => removePeer(frame.peer_id),
     peer_updated: (frame) => onPeerUpdated(frame.peer),
-    offer: (frame) => signal(frame.from, (link) => acceptOffer(link, frame.sdp)),
+    offer: (frame) => onOffer(frame.from, frame.sdp),
     answer: (frame) => signal(frame.from, (link) => acceptAnswer(link, frame.sdp)),
     ice: (frame) => signal(frame.from, (link) => addRemoteCandidate(link, frame.candidate)),
     chat: showChat,
     error: onServerError,
   };
 
+  // The first welcome, or a fresh one after a reconnect: in both cases every
+  // peer connection starts afresh, and of each pair the smaller peer id offers.
   function onWelcome(frame) {
+    clearTimeout(state.handshakeTimer);
     if (frame.peer_id !== state.session.id) {
       // Another tab resumed its own session between our resume and this
       // handshake, so the cookie named someone else: do not speak as them.
       state.closeReason = 'another tab signed in at the same moment; rejoin to try again.';
-      state.socket.close(1000);
+      state.socket.close(CLOSE_LEAVING);
       return;
     }
+    state.welcomes += 1;
+    state.reconnectAttempt = 0;
     state.selfId = frame.peer_id;
     state.iceServers = frame.ice_servers || [];
-    showParticipant({ peer_id: frame.peer_id, name: frame.name, bot: false, muted: state.muted });
+    // Whoever left while we were away is gone; the others are shown as the server sees them now.
+    const present = new Set([state.selfId, ...frame.peers.map((peer) => peer.peer_id)]);
+    for (const peerId of [...state.participants.keys()]) {
+      if (!present.has(peerId)) removePeer(peerId);
+    }
+    for (const peerId of [...state.links.keys()]) closeLink(peerId);
+    showParticipant({ peer_id: frame.peer_id, name: frame.name, bot: false, muted: state.muted, state: 'connected' });
     if (state.localStream) startMeter(state.selfId, state.localStream);
-    frame.peers.forEach(onPeerJoined);
+    for (const peer of frame.peers) {
+      showParticipant(peer);
+      if (shouldOffer(peer)) offerTo(peer.peer_id);
+    }
     setStatus('connected', 'Connected');
     setChatEnabled(true);
-    // The server starts every join unmuted; carry a mute over a rejoin.
-    if (state.muted) send({ type: 'mute', muted: true });
-    state.pingTimer = setInterval(() => send({ type: 'ping' }), PING_MS);
+    // A new connection may start unmuted, a resumed one keeps what it had: say it either way.
+    send({ type: 'mute', muted: state.muted });
+    clearInterval(state.pingTimer);
+    const socket = state.socket;
+    state.pingTimer = setInterval(() => sendPing(socket), PING_MS);
   }
 
   // Errors that end the connection are explained by the close code. The others
@@ -250,19 +389,32 @@
     }
   }
 
+  // Glare-free rule: of each pair, the smaller peer id makes the offer. A peer
+  // that is reconnecting cannot take one; it gets ours when it is back.
+  function shouldOffer(peer) {
+    return state.selfId < peer.peer_id && peerState(peer) === 'connected';
+  }
+
   function onPeerJoined(peer) {
     showParticipant(peer);
-    // Glare-free rule: of each pair, the smaller peer id makes the offer.
-    if (state.selfId < peer.peer_id && !state.links.has(peer.peer_id)) {
-      const link = linkFor(peer.peer_id);
-      runInOrder(link, () => sendOffer(link));
-    }
+    if (shouldOffer(peer)) offerTo(peer.peer_id);
   }
 
   function onPeerUpdated(peer) {
-    // Our own echo can trail a quick mute-unmute; the local state is the truth.
-    if (peer.peer_id === state.selfId) peer = { ...peer, muted: state.muted };
-    if (state.participants.has(peer.peer_id)) showParticipant(peer);
+    if (peer.peer_id === state.selfId) {
+      // Our own echo can trail a quick mute-unmute; the local state is the truth,
+      // and a frame reaching us means we are connected.
+      showParticipant({ ...peer, muted: state.muted, state: 'connected' });
+      return;
+    }
+    const previous = state.participants.get(peer.peer_id);
+    if (!previous) return;
+    showParticipant(peer);
+    // Back from reconnecting: it has dropped its peer connections, so ours to
+    // it is rebuilt. The smaller id offers; the other waits for that offer.
+    if (peerState(previous) === 'reconnecting' && peerState(peer) === 'connected' && shouldOffer(peer)) {
+      offerTo(peer.peer_id);
+    }
   }
 
   function removePeer(peerId) {
@@ -272,15 +424,35 @@
     if (item) item.remove();
   }
 
-  function onSocketClosed(event) {
+  function onSocketClosed(code, reason) {
     state.socket = null;
-    leaveRoomState();
+    state.lastClose = { code, reason };
+    clearTimeout(state.handshakeTimer);
+    clearInterval(state.pingTimer);
     if (state.leaving) return;
-    showDisconnected(state.closeReason || CLOSE_REASONS[event.code] || 'connection lost.');
+    if (code === CLOSE_SESSION_INVALID) {
+      startOver();
+      return;
+    }
+    if (state.closeReason || CLOSE_REASONS[code]) {
+      // Coming back would not help (or another tab has taken over): stop here.
+      leaveRoomState();
+      showDisconnected(state.closeReason || CLOSE_REASONS[code]);
+      return;
+    }
+    // A drop: keep the room on screen, greyed, and the peer connections, which
+    // may still carry audio; a fresh welcome rebuilds them.
+    setChatEnabled(false);
+    const self = state.participants.get(state.selfId);
+    if (self) showParticipant({ ...self, state: 'reconnecting' });
+    scheduleReconnect();
   }
 
   function leaveRoomState() {
     clearInterval(state.pingTimer);
+    clearTimeout(state.handshakeTimer);
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
     for (const peerId of [...state.links.keys()]) closeLink(peerId);
     for (const peerId of [...state.meters.keys()]) stopMeter(peerId);
     state.participants.clear();
@@ -290,11 +462,31 @@
 
   // --- Peer connections -----------------------------------------------------
 
-  // Signaling for a peer we no longer (or never) knew is late traffic; drop it.
+  function knownPeer(peerId) {
+    return state.participants.has(peerId) && peerId !== state.selfId;
+  }
+
+  // An answer or candidate belongs to the current connection to its peer.
+  // Without one, or from a peer we no longer (or never) knew, it is late traffic.
   function signal(peerId, task) {
-    if (!state.participants.has(peerId) || peerId === state.selfId) return;
-    const link = linkFor(peerId);
+    const link = state.links.get(peerId);
+    if (!link || !knownPeer(peerId)) return;
     runInOrder(link, () => task(link));
+  }
+
+  // An offer always starts a fresh connection: the peer has started over
+  // (it joined, resumed, or saw us come back), whatever we had before.
+  function onOffer(peerId, sdp) {
+    if (!knownPeer(peerId)) return;
+    closeLink(peerId);
+    const link = linkFor(peerId);
+    runInOrder(link, () => acceptOffer(link, sdp));
+  }
+
+  function offerTo(peerId) {
+    closeLink(peerId);
+    const link = linkFor(peerId);
+    runInOrder(link, () => sendOffer(link));
   }
 
   // One peer's signaling steps run one after another, in arrival order, so a
@@ -306,17 +498,27 @@
   }
 
   function linkFor(peerId) {
-    const existing = state.links.get(peerId);
-    if (existing) return existing;
     const pc = new RTCPeerConnection({ iceServers: state.iceServers });
-    const link = { peerId, pc, pendingCandidates: [], queue: Promise.resolve(), audio: null, closed: false };
+    state.linkSerial += 1;
+    const link = {
+      peerId,
+      serial: state.linkSerial,
+      pc,
+      pendingCandidates: [],
+      queue: Promise.resolve(),
+      audio: null,
+      closed: false,
+    };
     state.links.set(peerId, link);
     pc.addEventListener('icecandidate', (event) => {
+      if (link.closed) return;
       send({ type: 'ice', to: peerId, candidate: event.candidate ? event.candidate.toJSON() : null });
     });
-    pc.addEventListener('connectionstatechange', () => showPeerState(peerId, pc.connectionState));
+    pc.addEventListener('connectionstatechange', () => {
+      if (!link.closed) showPeerState(peerId, pc.connectionState);
+    });
     pc.addEventListener('track', (event) => {
-      playRemote(link, event.streams[0] || new MediaStream([event.track]));
+      if (!link.closed) playRemote(link, event.streams[0] || new MediaStream([event.track]));
     });
     showPeerState(peerId, pc.connectionState);
     return link;
@@ -330,6 +532,7 @@
     if (link.audio) link.audio.remove();
     stopMeter(peerId);
     state.links.delete(peerId);
+    showPeerState(peerId, '');
   }
 
   // Without a microphone we still ask to receive, so a listen-only
@@ -349,18 +552,20 @@
     send({ type: 'offer', to: link.peerId, sdp: link.pc.localDescription.sdp });
   }
 
+  // Every offer arrives on a fresh connection (see onOffer).
   async function acceptOffer(link, sdp) {
-    const firstOffer = !link.pc.remoteDescription;
     await link.pc.setRemoteDescription({ type: 'offer', sdp });
     // After the offer is applied, addTrack reuses its audio transceiver
     // instead of adding a second one.
-    if (firstOffer) addLocalAudio(link.pc);
+    addLocalAudio(link.pc);
     await addPendingCandidates(link);
     await link.pc.setLocalDescription();
     send({ type: 'answer', to: link.peerId, sdp: link.pc.localDescription.sdp });
   }
 
   async function acceptAnswer(link, sdp) {
+    // Only an offer waiting for its answer takes one; anything else answers an older offer.
+    if (link.pc.signalingState !== 'have-local-offer') return;
     await link.pc.setRemoteDescription({ type: 'answer', sdp });
     await addPendingCandidates(link);
   }
@@ -530,9 +735,11 @@
     }, 2000);
   }
 
+  // Closing with 1000 tells the server we left on purpose, so the others see
+  // us go at once instead of waiting for us to come back.
   function leave() {
     state.leaving = true;
-    if (state.socket) state.socket.close(1000);
+    if (state.socket) state.socket.close(CLOSE_LEAVING);
     leaveRoomState();
     if (state.localStream) state.localStream.getTracks().forEach((track) => track.stop());
     window.location.assign('/');
@@ -545,6 +752,7 @@
     $('copy-link').addEventListener('click', copyShareLink);
     $('enable-sound').addEventListener('click', enableSound);
     $('chat-form').addEventListener('submit', sendChat);
+    window.addEventListener('online', reconnectNow);
   }
 
   async function start() {

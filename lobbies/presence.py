@@ -1,0 +1,56 @@
+"""Presence: which connections this server process holds.
+
+Instead of a database write per heartbeat, each process refreshes the rows of
+all its live connections in one UPDATE every PRESENCE_INTERVAL_SECONDS, and
+on the same beat ends the stays of participants who dropped and did not come
+back within the grace period (also those of a process that died, whose rows
+stopped being refreshed).
+"""
+
+import asyncio
+import logging
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from lobbies import services
+
+logger = logging.getLogger(__name__)
+
+
+class Presence:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # channel name -> membership id
+        self.live: dict[str, int] = {}
+
+    def attach(self) -> None:
+        """Run the beat on the running loop. Call from async code."""
+        loop = asyncio.get_running_loop()
+        if self.loop is loop:
+            return
+        self.loop = loop
+        self.live = {}
+        loop.create_task(self.run())
+
+    def add(self, channel_name: str, membership_id: int) -> None:
+        self.live[channel_name] = membership_id
+
+    def discard(self, channel_name: str) -> None:
+        self.live.pop(channel_name, None)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(settings.PRESENCE_INTERVAL_SECONDS)
+            await self.beat()
+
+    async def beat(self) -> None:
+        try:
+            await database_sync_to_async(services.memberships_touch)(membership_ids=list(self.live.values()))
+            await database_sync_to_async(services.memberships_expire)()
+        except Exception:
+            # The database may be briefly away; the next beat tries again.
+            logger.exception("Presence beat failed")
+
+
+presence = Presence()

@@ -1,0 +1,88 @@
+"""Coming back after a dropped connection, within the grace period or too late.
+
+Restarts and dead server processes are in test_live_servers.py."""
+
+import pytest
+
+from lobbies.models import Lobby, Membership
+from tests.conftest import Person
+from tests.lobbies.test_consumers import Client, open_client
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer")]
+
+
+async def joined(person: Person, lobby: str = "room") -> Client:
+    client = open_client(lobby, token=person.token)
+    connected, _ = await client.connect(timeout=3)
+    assert connected
+    client.welcome = await client.receive()
+    assert client.welcome["type"] == "welcome", client.welcome
+    return client
+
+
+async def test_a_dropped_peer_is_reconnecting_then_resumes_its_place(alice: Person, bob: Person) -> None:
+    watcher = await joined(alice)
+    dropped = await joined(bob)
+    assert (await watcher.receive())["type"] == "peer_joined"
+
+    await dropped.disconnect(code=1006)
+
+    update = await watcher.receive()
+    assert update == {"type": "peer_updated", "peer": {**update["peer"], "peer_id": bob.id, "state": "reconnecting"}}
+
+    back = await joined(bob)
+
+    assert back.welcome["peer_id"] == bob.id
+    assert [peer["peer_id"] for peer in back.welcome["peers"]] == [alice.id]
+    assert (await watcher.receive())["peer"]["state"] == "connected"
+    await watcher.send_json_to({"type": "offer", "to": bob.id, "sdp": "v=0 renegotiate"})
+    assert (await back.receive())["sdp"] == "v=0 renegotiate"
+    assert await Membership.objects.filter(session_id=bob.id).acount() == 1
+    await watcher.disconnect()
+    await back.disconnect()
+
+
+async def test_a_deliberate_close_leaves_at_once(alice: Person, bob: Person) -> None:
+    watcher = await joined(alice)
+    leaver = await joined(bob)
+    await watcher.receive()  # peer_joined
+
+    await leaver.disconnect(code=1000)
+
+    assert await watcher.receive() == {"type": "peer_left", "peer_id": bob.id}
+    await watcher.disconnect()
+
+
+async def test_a_peer_that_does_not_come_back_leaves_after_the_grace_period(
+    settings, alice: Person, bob: Person
+) -> None:
+    settings.LOBBY_RESUME_GRACE_SECONDS = 1
+    settings.PRESENCE_INTERVAL_SECONDS = 0.2
+    watcher = await joined(alice)
+    dropped = await joined(bob)
+    await watcher.receive()  # peer_joined
+    await dropped.disconnect(code=1006)
+    assert (await watcher.receive())["peer"]["state"] == "reconnecting"
+
+    assert await watcher.receive(timeout=5) == {"type": "peer_left", "peer_id": bob.id}
+    membership = await Membership.objects.aget(session_id=bob.id)
+    assert membership.state == "left" and membership.left_at is not None
+    await watcher.disconnect()
+
+
+async def test_reconnecting_peers_still_hold_their_place_in_a_full_lobby(
+    alice: Person, bob: Person, carol: Person
+) -> None:
+    await Lobby.objects.acreate(name="pair", max_participants=2)
+    first = await joined(alice, "pair")
+    dropped = await joined(bob, "pair")
+    await dropped.disconnect(code=1006)
+
+    late = open_client("pair", token=carol.token)
+    await late.connect(timeout=3)
+    await late.expect_error("lobby_full")
+
+    back = await joined(bob, "pair")
+    assert back.welcome["peer_id"] == bob.id
+    await first.disconnect()
+    await back.disconnect()
