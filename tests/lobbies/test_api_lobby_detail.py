@@ -22,7 +22,7 @@ def test_detail_lists_the_participants(alice: Person, bob: Person) -> None:
         "private": False,
         "max_participants": 5,
         "participant_count": 1,
-        "participants": [{"peer_id": alice.id, "name": "Alice", "bot": False, "muted": True}],
+        "participants": [{"peer_id": alice.id, "name": "Alice", "bot": False, "muted": True, "state": "connected"}],
     }
 
 

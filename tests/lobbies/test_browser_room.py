@@ -1,4 +1,5 @@
-"""Alice and Bob meet in a voice room in real chromium, with real WebRTC.
+"""Alice and Bob meet in a voice room in real chromium, with real WebRTC; the
+server restarts under them and Bob reloads his page, and both come back on their own.
 
 The scenario runs in a fresh network namespace that has only loopback, so
 no media, STUN or DNS traffic can leave the machine and ICE can only succeed
@@ -54,6 +55,12 @@ def test_two_people_talk_and_chat_in_a_room():
         f"from opening the room page: Alice {results['alice_room_to_audio_ms']} ms, "
         f"Bob {results['bob_room_to_audio_ms']} ms"
     )
+    print(
+        f"server restart (down {results['restart_server_down_ms']} ms) to audio again on fresh peer connections: "
+        f"Alice {results['restart_alice_to_audio_ms']} ms, Bob {results['restart_bob_to_audio_ms']} ms; "
+        f"Bob's reload to audio again: Alice {results['reload_alice_to_audio_ms']} ms, "
+        f"Bob {results['reload_bob_to_audio_ms']} ms"
+    )
     for who in ("alice", "bob"):
         assert results[f"{who}_peer_states"] == ["connected"]
         assert results[f"{who}_bytes_after"] > results[f"{who}_bytes_before"] > 0, f"{who} hears nothing new"
@@ -67,3 +74,20 @@ def test_two_people_talk_and_chat_in_a_room():
         post["content_type"] == "application/json" and post["body"] for post in results["posts"]
     ), results["posts"]
     assert results["favicon"].startswith("200 image/svg+xml")
+
+    # The server restarts: both pages show it, keep the room on screen, and come back by themselves.
+    for who, other in (("alice", "bob"), ("bob", "alice")):
+        assert results[f"restart_{who}_shows_reconnecting"] and results[f"restart_{who}_keeps_room_while_reconnecting"]
+        assert results[f"restart_{who}_reconnected_after_reconnecting"], results[f"restart_{who}_status_log"]
+        assert results[f"restart_{who}_same_peer_id"] and results[f"restart_{who}_sees_{other}"]
+        assert results[f"restart_{who}_room_not_stale"]
+        assert results[f"restart_{who}_peer_states"] == ["connected"]
+        assert results[f"restart_{who}_bytes_after"] > results[f"restart_{who}_bytes_before"] > 0
+    assert results["restart_bob_mute_kept"]
+
+    # Bob reloads: Alice sees the same Bob back, and they hear each other again.
+    assert results["reload_bob_same_peer_id"] and results["reload_alice_sees_bob"] and results["reload_bob_sees_alice"]
+    assert results["reload_alice_sees_two"] and results["reload_bob_unmuted_seen_by_alice"]
+    for who in ("alice", "bob"):
+        assert results[f"reload_{who}_peer_states"] == ["connected"]
+        assert results[f"reload_{who}_bytes_after"] > results[f"reload_{who}_bytes_before"] > 0
