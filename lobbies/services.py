@@ -142,11 +142,12 @@ def lobby_disconnect(*, lobby_name: str, session_id: str, channel_name: str) -> 
 
 
 def memberships_touch(*, membership_ids: list[int]) -> None:
-    """Record, in one statement, that these connections are alive."""
-    if membership_ids:
-        Membership.objects.filter(pk__in=membership_ids, left_at__isnull=True).update(
-            last_seen_at=timezone.now()
-        )
+    """Record that these connections, and their sessions, are alive: two statements however many."""
+    if not membership_ids:
+        return
+    now = timezone.now()
+    Membership.objects.filter(pk__in=membership_ids, left_at__isnull=True).update(last_seen_at=now)
+    Session.objects.filter(memberships__pk__in=membership_ids).update(last_seen_at=now)
 
 
 def memberships_expire() -> int:
