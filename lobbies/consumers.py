@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import re
 from datetime import UTC, datetime
 from collections.abc import Awaitable
@@ -15,6 +16,7 @@ from django.http.cookie import parse_cookie
 
 from lobbies import services
 from lobbies.models import LOBBY_NAME_PATTERN
+from lobbies.cache import invalidation_listener
 from lobbies.presence import presence
 from lobbies.publisher import publisher
 from lobbies.protocol import (
@@ -26,7 +28,7 @@ from lobbies.protocol import (
     error_frame,
     parse_client_message,
 )
-from lobbies.selectors import session_for_token
+from lobbies.selectors import asession_for_token
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,13 @@ logger = logging.getLogger(__name__)
 CLOSE_BAD_LOBBY_NAME = 4400
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_LOBBY_FULL = 4403
+CLOSE_BAD_PASSWORD = 4403
 CLOSE_REPLACED = 4409
+CLOSE_LOBBY_CLOSED = 4410
+# The twin of 1008 (policy violation), which daphne will not send.
+CLOSE_KICKED = 4008
+
+LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -46,6 +54,17 @@ def connection_token(scope: dict[str, Any]) -> str:
         if name == b"cookie":
             return parse_cookie(value.decode("latin1")).get(settings.VOICEBOT_TOKEN_COOKIE, "")
     return ""
+
+
+def connection_password(scope: dict[str, Any]) -> str:
+    """The lobby password from `?password=` (percent-encoded UTF-8), or ""."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
+    return query.get("password", [""])[0]
+
+
+def kicked_message(seconds: int) -> str:
+    wait = f"{math.ceil(seconds / 60)} min" if seconds >= 60 else f"{seconds} s"
+    return f"An administrator removed you from this lobby; you may join it again in {wait}."
 
 
 class LobbyConsumer(AsyncWebsocketConsumer):
@@ -78,12 +97,13 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.accept()
         publisher.attach()
         presence.attach()
+        await invalidation_listener.attach()
         self.peer_channels: dict[str, str] = {}
         self.lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
         if not re.match(LOBBY_NAME_PATTERN, self.lobby_name):
             await self.reject("bad_field", "Lobby names use letters, digits, '-' and '_' only.", CLOSE_BAD_LOBBY_NAME)
             return
-        session = await database_sync_to_async(session_for_token)(connection_token(self.scope))
+        session = await asession_for_token(connection_token(self.scope))
         if session is None:
             await self.reject("unauthenticated", "No valid session; create one first.", CLOSE_UNAUTHENTICATED)
             return
@@ -93,11 +113,23 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(self.group, self.channel_name)
         try:
             joined = await database_sync_to_async(services.lobby_join)(
-                lobby_name=self.lobby_name, session=session, channel_name=self.channel_name
+                lobby_name=self.lobby_name,
+                session=session,
+                channel_name=self.channel_name,
+                password=connection_password(self.scope),
             )
         except services.LobbyFull:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            await self.reject("lobby_full", "This lobby is full.", CLOSE_LOBBY_FULL)
+            await self.refuse("lobby_full", "This lobby is full.", CLOSE_LOBBY_FULL)
+            return
+        except services.BadPassword:
+            # Worded the same whether or not the lobby exists.
+            await self.refuse("bad_password", "The password is missing or wrong.", CLOSE_BAD_PASSWORD)
+            return
+        except services.LobbyClosed:
+            await self.refuse("lobby_closed", LOBBY_CLOSED_MESSAGE, CLOSE_LOBBY_CLOSED)
+            return
+        except services.SessionKicked as kicked:
+            await self.refuse("kicked", kicked_message(kicked.seconds_left), CLOSE_KICKED)
             return
         except BaseException:
             await self.channel_layer.group_discard(self.group, self.channel_name)
@@ -117,6 +149,11 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "ice_servers": settings.VOICEBOT_ICE_SERVERS,
             }
         )
+
+    async def refuse(self, code: str, message: str, close_code: int) -> None:
+        """Turn away a connection that joined the lobby's group but got no place."""
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.reject(code, message, close_code)
 
     async def reject(self, code: str, message: str, close_code: int) -> None:
         await self.send_frame(error_frame(code, message))
@@ -219,10 +256,21 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
 
     async def lobby_replaced(self, event: dict[str, Any]) -> None:
+        await self.end_with_error("replaced", "You joined this lobby from another connection.", CLOSE_REPLACED)
+
+    async def lobby_closed(self, event: dict[str, Any]) -> None:
+        await self.end_with_error("lobby_closed", LOBBY_CLOSED_MESSAGE, CLOSE_LOBBY_CLOSED)
+
+    async def lobby_kicked(self, event: dict[str, Any]) -> None:
+        await self.end_with_error("kicked", kicked_message(event["seconds"]), CLOSE_KICKED)
+
+    async def end_with_error(self, code: str, message: str, close_code: int) -> None:
+        """This connection's place is gone (the service already ended or moved
+        it): say why and close, without leaving the lobby a second time."""
         if self.peer_id is None:
             return
-        await self.send_frame(error_frame("replaced", "You joined this lobby from another connection."))
+        await self.send_frame(error_frame(code, message))
         await self.channel_layer.group_discard(self.group, self.channel_name)
         presence.discard(self.channel_name)
         self.peer_id = None
-        await self.close(code=CLOSE_REPLACED)
+        await self.close(code=close_code)

@@ -1,6 +1,7 @@
 import uuid
 
 from django.conf import settings
+from django.contrib.auth.hashers import check_password, make_password
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
@@ -10,6 +11,8 @@ from django.utils import timezone
 # Letters and digits of any script, "-" and "_": safe in a URL path segment
 # and easy to read out loud.
 LOBBY_NAME_PATTERN = r"^[\w-]{1,64}\Z"
+# Lobby passwords are kept only as a hash; this bounds the work of hashing one.
+LOBBY_PASSWORD_MAX_LENGTH = 128
 
 
 def default_max_participants() -> int:
@@ -61,6 +64,13 @@ class Lobby(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     last_active_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Django's password hash, or "" for a lobby anyone may join. Never shown.
+    password_hash = models.CharField(max_length=128, blank=True, editable=False)
+    # Set by an administrator: a closed lobby is not listed and lets no one in.
+    closed_at = models.DateTimeField(null=True, blank=True)
+    # Replaced by every change to who is in the lobby. A cached roster carries
+    # the stamp it was built at, and is used only while the row still has it.
+    roster_stamp = models.UUIDField(default=uuid.uuid4, editable=False)
 
     class Meta:
         ordering = ["-last_active_at"]
@@ -68,6 +78,17 @@ class Lobby(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def has_password(self) -> bool:
+        return bool(self.password_hash)
+
+    def set_password(self, password: str | None) -> None:
+        """Require `password` to join from now on; None lets anyone in. Call save() after."""
+        self.password_hash = make_password(password) if password is not None else ""
+
+    def password_matches(self, password: str) -> bool:
+        return self.has_password and check_password(password, self.password_hash)
 
 
 class Membership(models.Model):
@@ -116,3 +137,22 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session} in {self.lobby}"
+
+
+class LobbyBan(models.Model):
+    """An administrator removed `session` from `lobby`: it may not join again until `until`."""
+
+    lobby = models.ForeignKey(Lobby, on_delete=models.CASCADE, related_name="bans")
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="lobby_bans")
+    until = models.DateTimeField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["lobby", "session", "until"], name="ban_lookup")]
+
+    def __str__(self) -> str:
+        return f"{self.session} banned from {self.lobby} until {self.until:%Y-%m-%d %H:%M}"

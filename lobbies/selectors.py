@@ -3,10 +3,14 @@
 import hashlib
 from typing import TypedDict
 
+from channels.db import database_sync_to_async
 from django.conf import settings
+from django.contrib.auth.hashers import make_password
 from django.db.models import Count, Q, QuerySet
 
+from lobbies import cache
 from lobbies.models import Lobby, Membership, Session
+from voicebot.db_router import read_from_replica
 
 
 class Peer(TypedDict):
@@ -21,10 +25,31 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def session_cache_key(digest: str) -> str:
+    return f"session:{digest}"
+
+
 def session_for_token(token: str) -> Session | None:
+    """The session a resume token belongs to. Identities rarely change, so they
+    are kept in the in-process cache; unknown tokens are not."""
     if not token:
         return None
-    return Session.objects.filter(token_hash=token_hash(token)).first()
+    digest = token_hash(token)
+    session = cache.local.get(session_cache_key(digest))
+    if session is cache.MISSING:
+        session = Session.objects.filter(token_hash=digest).first()
+        if session is not None:
+            cache.local.set(session_cache_key(digest), session)
+    return session
+
+
+async def asession_for_token(token: str) -> Session | None:
+    """session_for_token for async callers: a cached identity costs no thread hop."""
+    if token:
+        session = cache.local.get(session_cache_key(token_hash(token)))
+        if session is not cache.MISSING:
+            return session
+    return await database_sync_to_async(session_for_token)(token)
 
 
 def peer_of(membership: Membership) -> Peer:
@@ -41,17 +66,53 @@ def live_memberships(lobby: Lobby) -> QuerySet[Membership]:
     return lobby.memberships.filter(left_at__isnull=True).select_related("session")
 
 
+class RosterEntry(TypedDict):
+    peer: Peer
+    # The channel that reaches the peer's connection.
+    channel: str
+
+
+def roster_key(lobby_id: int) -> str:
+    return f"roster:{lobby_id}"
+
+
+def lobby_roster(lobby: Lobby) -> list[RosterEntry]:
+    """Who is in the lobby, from the shared cache while it matches the row's
+    roster stamp, else from the database (and then cached)."""
+    cached = cache.shared.get(roster_key(lobby.pk))
+    if cached is not cache.MISSING and cached["stamp"] == str(lobby.roster_stamp):
+        return cached["roster"]
+    roster = roster_from_database(lobby)
+    cache_roster(lobby, roster)
+    return roster
+
+
+def roster_from_database(lobby: Lobby) -> list[RosterEntry]:
+    return [{"peer": peer_of(membership), "channel": membership.channel_name} for membership in live_memberships(lobby)]
+
+
+def cache_roster(lobby: Lobby, roster: list[RosterEntry]) -> None:
+    # Safe from any reader or writer: an entry is only believed while its
+    # stamp is the row's, and each change to the roster writes a new stamp.
+    entry = {"stamp": str(lobby.roster_stamp), "roster": roster}
+    cache.shared.set(roster_key(lobby.pk), entry, settings.ROSTER_CACHE_SECONDS)
+
+
 def lobby_list(*, viewer: Session | None) -> list[dict]:
-    """Public lobbies, and the viewer's own private ones, busiest first."""
+    """Public lobbies, and the viewer's own private ones, busiest first; none that is closed.
+
+    Read from a replica when there is one, so it may lag a moment behind.
+    """
     visible = Q(private=False)
     if viewer is not None:
         visible |= Q(created_by=viewer)
     lobbies = (
-        Lobby.objects.filter(visible)
+        Lobby.objects.filter(visible, closed_at__isnull=True)
         .annotate(participant_count=Count("memberships", filter=Q(memberships__left_at__isnull=True)))
         .order_by("-participant_count", "-last_active_at")[: settings.LOBBY_LIST_LIMIT]
     )
-    return [lobby_summary(lobby, lobby.participant_count) for lobby in lobbies]
+    with read_from_replica():
+        return [lobby_summary(lobby, lobby.participant_count) for lobby in lobbies]
 
 
 def lobby_summary(lobby: Lobby, participant_count: int) -> dict:
@@ -60,12 +121,28 @@ def lobby_summary(lobby: Lobby, participant_count: int) -> dict:
         "private": lobby.private,
         "max_participants": lobby.max_participants,
         "participant_count": participant_count,
+        "has_password": lobby.has_password,
     }
 
 
-def lobby_detail(*, name: str) -> dict | None:
+def lobby_detail(*, name: str, password: str = "") -> dict | None:
+    """The lobby and who is in it; None if there is no such lobby or, for a
+    lobby with a password, `password` is not it: the asker cannot tell which."""
     lobby = Lobby.objects.filter(name=name).first()
-    if lobby is None:
-        return None
-    participants = [peer_of(membership) for membership in live_memberships(lobby)]
+    if lobby is None or lobby.has_password:
+        if not password or not lobby_password_opens(lobby, password):
+            return None
+    participants = [entry["peer"] for entry in lobby_roster(lobby)]
     return {**lobby_summary(lobby, len(participants)), "participants": participants}
+
+
+def lobby_password_opens(lobby: Lobby | None, password: str) -> bool:
+    """Whether `password` is the password of `lobby`, which may not exist.
+
+    For a lobby that does not exist a password is hashed all the same, so the
+    answer takes as long as for a wrong one and its timing tells nothing.
+    """
+    if lobby is None:
+        make_password(password)
+        return False
+    return lobby.password_matches(password)

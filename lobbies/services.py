@@ -6,20 +6,25 @@ relay what they receive; they never publish state changes themselves.
 """
 
 import hashlib
+import logging
+import math
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from lobbies.models import Lobby, Membership, Session
+from lobbies import selectors
+from lobbies.models import Lobby, LobbyBan, Membership, Session
 from lobbies.publisher import publisher
-from lobbies.selectors import Peer, live_memberships, peer_of, token_hash
+from lobbies.selectors import Peer, peer_of, token_hash
 
 
 class LobbyNameTaken(Exception):
@@ -28,6 +33,26 @@ class LobbyNameTaken(Exception):
 
 class LobbyFull(Exception):
     pass
+
+
+class LobbyClosed(Exception):
+    pass
+
+
+class BadPassword(Exception):
+    """The password is missing or wrong, or the lobby it was given for does not exist."""
+
+
+class SessionKicked(Exception):
+    """An administrator kicked the session out of the lobby, and its ban has not run out."""
+
+    def __init__(self, seconds_left: int) -> None:
+        super().__init__(f"may rejoin in {seconds_left} s")
+        self.seconds_left = seconds_left
+
+
+# One record per administrator action, for whoever has to answer "who did that?".
+audit_log = logging.getLogger("voicebot.audit")
 
 
 @dataclass
@@ -61,53 +86,98 @@ def session_create(*, name: str, is_bot: bool = False) -> tuple[Session, str]:
     return session, token
 
 
-def lobby_create(*, name: str, private: bool, max_participants: int, created_by: Session) -> Lobby:
+def lobby_create(
+    *, name: str, private: bool, max_participants: int, created_by: Session, password: str | None = None
+) -> Lobby:
+    lobby = Lobby(name=name, private=private, max_participants=max_participants, created_by=created_by)
+    lobby.set_password(password)
     try:
         with transaction.atomic():
-            return Lobby.objects.create(
-                name=name, private=private, max_participants=max_participants, created_by=created_by
-            )
+            lobby.save(force_insert=True)
+            return lobby
     except IntegrityError:
         raise LobbyNameTaken(name)
 
 
-@transaction.atomic
-def lobby_join(*, lobby_name: str, session: Session, channel_name: str) -> JoinResult:
+def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password: str = "") -> JoinResult:
     """Put `session` in the lobby through `channel_name`, creating a public
-    lobby of that name if needed.
+    lobby of that name if needed (but not from a connection that brings a password).
 
     A session still in the lobby (reconnecting, or connected through another
     connection) resumes its place: the older connection, if open, is closed,
     and the others see the peer go `reconnecting` and come back `connected`.
+    Anyone else needs the lobby's password, if it has one, and is refused
+    from a closed lobby and from one it was kicked out of for a while.
     """
-    # The row lock serialises joins of one lobby, so two cannot both take its last place.
+    # Hashing is slow on purpose, so the password is checked before the
+    # lobby's lock is taken; the join then makes sure it is still the same.
+    opened_hash = _password_checked(lobby_name, session, password)
+    return _join(lobby_name=lobby_name, session=session, channel_name=channel_name, opened_hash=opened_hash)
+
+
+def _password_checked(lobby_name: str, session: Session, password: str) -> str:
+    """The password hash that `password` opened: "" when none was needed.
+
+    A password for a lobby that does not exist gets the same refusal as a
+    wrong one, and creates nothing, so guessing tells no one which names exist.
+    """
+    lobby = Lobby.objects.filter(name=lobby_name).first()
+    if lobby is None and not password:
+        return ""
+    if lobby is not None and (
+        not lobby.has_password or lobby.memberships.filter(session=session, left_at__isnull=True).exists()
+    ):
+        return ""
+    if not password or not selectors.lobby_password_opens(lobby, password):
+        raise BadPassword(lobby_name)
+    return lobby.password_hash
+
+
+@transaction.atomic
+def _join(*, lobby_name: str, session: Session, channel_name: str, opened_hash: str) -> JoinResult:
+    # The row lock serialises changes to one lobby's roster: two joins cannot
+    # both take its last place, and the cached roster follows commit order.
     lobby, _ = Lobby.objects.select_for_update().get_or_create(
         name=lobby_name, defaults={"created_by": session}
     )
-    roster = list(live_memberships(lobby))
-    membership = next((m for m in roster if m.session_id == session.pk), None)
-    others = [m for m in roster if m.session_id != session.pk]
-    now = timezone.now()
+    roster = selectors.lobby_roster(lobby)
+    mine = next((entry for entry in roster if entry["peer"]["peer_id"] == str(session.pk)), None)
+    others = [entry for entry in roster if entry is not mine]
 
-    if membership is None:
+    if mine is None:
+        _check_admission(lobby, session, opened_hash)
         if len(others) >= lobby.max_participants:
             raise LobbyFull(lobby_name)
         membership = Membership.objects.create(session=session, lobby=lobby, channel_name=channel_name)
         publish(lobby_name, {"type": "lobby.peer_joined", "peer": peer_of(membership), "channel": channel_name})
     else:
-        _resume(membership, lobby_name, channel_name, now)
+        membership = lobby.memberships.select_related("session").get(session=session, left_at__isnull=True)
+        _resume(membership, lobby_name, channel_name)
 
-    Lobby.objects.filter(pk=lobby.pk).update(last_active_at=now)
-    Session.objects.filter(pk=session.pk).update(last_seen_at=now)
+    peer = peer_of(membership)
+    entry: selectors.RosterEntry = {"peer": peer, "channel": channel_name}
+    _roster_changed(lobby, [entry if old is mine else old for old in roster] if mine else [*roster, entry])
     return JoinResult(
         lobby=lobby,
         membership_id=membership.pk,
-        peer=peer_of(membership),
-        peers=[(peer_of(m), m.channel_name) for m in others],
+        peer=peer,
+        peers=[(entry["peer"], entry["channel"]) for entry in others],
     )
 
 
-def _resume(membership: Membership, lobby_name: str, channel_name: str, now: datetime) -> None:
+def _check_admission(lobby: Lobby, session: Session, opened_hash: str) -> None:
+    """Refuse a newcomer that may not take a place in `lobby`, however full it is."""
+    if lobby.password_hash and lobby.password_hash != opened_hash:
+        # No password was checked, or an administrator changed it since.
+        raise BadPassword(lobby.name)
+    if lobby.closed_at is not None:
+        raise LobbyClosed(lobby.name)
+    ban = lobby.bans.filter(session=session, until__gt=timezone.now()).order_by("-until").first()
+    if ban is not None:
+        raise SessionKicked(math.ceil((ban.until - timezone.now()).total_seconds()))
+
+
+def _resume(membership: Membership, lobby_name: str, channel_name: str) -> None:
     if membership.state == Membership.State.CONNECTED:
         # Its old connection is still open, or its server died: either way it is gone now.
         tell_channel(membership.channel_name, {"type": "lobby.replaced"})
@@ -116,29 +186,52 @@ def _resume(membership: Membership, lobby_name: str, channel_name: str, now: dat
     membership.state = Membership.State.CONNECTED
     membership.channel_name = channel_name
     membership.disconnected_at = None
-    membership.last_seen_at = now
+    membership.last_seen_at = timezone.now()
     membership.save(update_fields=["state", "channel_name", "disconnected_at", "last_seen_at"])
     publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership), "channel": channel_name})
+
+
+def _lock_lobby(lobby_name: str) -> Lobby | None:
+    """Take the lobby's row lock; every change to a roster holds it (see lobby_join)."""
+    return Lobby.objects.select_for_update().filter(name=lobby_name).first()
+
+
+def _roster_changed(lobby: Lobby, roster: list[selectors.RosterEntry] | None = None) -> None:
+    """Stamp the lobby's new roster and cache it (recomputed if not given).
+
+    Runs inside the transaction that made the change, under the lobby's lock:
+    should the transaction fail, the cached entry carries a stamp the row
+    never gets, so no one believes it.
+    """
+    lobby.roster_stamp = uuid.uuid4()
+    lobby.last_active_at = timezone.now()
+    Lobby.objects.filter(pk=lobby.pk).update(roster_stamp=lobby.roster_stamp, last_active_at=lobby.last_active_at)
+    selectors.cache_roster(lobby, roster if roster is not None else selectors.roster_from_database(lobby))
 
 
 def lobby_leave(*, lobby_name: str, session_id: str, channel_name: str) -> None:
     """End the session's stay in the lobby at once, if `channel_name` still holds it."""
     with transaction.atomic():
+        lobby = _lock_lobby(lobby_name)
         membership = _live_membership(lobby_name, session_id, channel_name)
-        if membership is not None:
-            _end_membership(membership, lobby_name, timezone.now())
+        if lobby is None or membership is None:
+            return
+        _end_membership(membership, lobby_name, timezone.now())
+        _roster_changed(lobby)
 
 
 def lobby_disconnect(*, lobby_name: str, session_id: str, channel_name: str) -> None:
     """The connection dropped: keep the place for the grace period, then end it."""
     with transaction.atomic():
+        lobby = _lock_lobby(lobby_name)
         membership = _live_membership(lobby_name, session_id, channel_name)
-        if membership is None:
+        if lobby is None or membership is None:
             return
         membership.state = Membership.State.RECONNECTING
         membership.disconnected_at = timezone.now()
         membership.save(update_fields=["state", "disconnected_at"])
         publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership)})
+        _roster_changed(lobby)
 
 
 def memberships_touch(*, membership_ids: list[int]) -> None:
@@ -154,25 +247,26 @@ def memberships_expire() -> int:
     """End the stays of participants who dropped and did not come back within
     the grace period, and of connections whose server stopped refreshing them.
 
-    Safe to run in every server process at once: rows another process is
-    ending are skipped, so everyone hears of each departure once.
+    Safe to run in every server process at once: each stay is ended under its
+    lobby's lock and only if still due, so everyone hears of it once.
     """
     now = timezone.now()
     grace = timedelta(seconds=settings.LOBBY_RESUME_GRACE_SECONDS)
     silent = grace + timedelta(seconds=2 * settings.PRESENCE_INTERVAL_SECONDS)
-    with transaction.atomic():
-        expired = list(
-            Membership.objects.select_related("session", "lobby")
-            .select_for_update(skip_locked=True, of=("self",))
-            .filter(left_at__isnull=True)
-            .filter(
-                Q(state=Membership.State.RECONNECTING, disconnected_at__lt=now - grace)
-                | Q(last_seen_at__lt=now - silent)
-            )
-        )
-        for membership in expired:
-            _end_membership(membership, membership.lobby.name, now)
-    return len(expired)
+    due = Q(left_at__isnull=True) & (
+        Q(state=Membership.State.RECONNECTING, disconnected_at__lt=now - grace) | Q(last_seen_at__lt=now - silent)
+    )
+    ended = 0
+    for membership_id, lobby_name in Membership.objects.filter(due).values_list("pk", "lobby__name"):
+        with transaction.atomic():
+            lobby = _lock_lobby(lobby_name)
+            membership = Membership.objects.select_for_update().filter(due, pk=membership_id).first()
+            if lobby is None or membership is None:
+                continue
+            _end_membership(membership, lobby_name, now)
+            _roster_changed(lobby)
+            ended += 1
+    return ended
 
 
 def _end_membership(membership: Membership, lobby_name: str, now: datetime) -> None:
@@ -188,12 +282,20 @@ def _end_membership(membership: Membership, lobby_name: str, now: datetime) -> N
 
 def membership_set_muted(*, lobby_name: str, session_id: str, channel_name: str, muted: bool) -> None:
     with transaction.atomic():
+        lobby = _lock_lobby(lobby_name)
         membership = _live_membership(lobby_name, session_id, channel_name)
-        if membership is None or membership.muted == muted:
+        if lobby is None or membership is None:
             return
-        membership.muted = muted
-        membership.save(update_fields=["muted"])
-        publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership)})
+        _set_muted(lobby, membership, muted)
+
+
+def _set_muted(lobby: Lobby, membership: Membership, muted: bool) -> None:
+    if membership.muted == muted:
+        return
+    membership.muted = muted
+    membership.save(update_fields=["muted"])
+    publish(lobby.name, {"type": "lobby.peer_updated", "peer": peer_of(membership)})
+    _roster_changed(lobby)
 
 
 def _live_membership(lobby_name: str, session_id: str, channel_name: str) -> Membership | None:
@@ -209,3 +311,110 @@ def _live_membership(lobby_name: str, session_id: str, channel_name: str) -> Mem
         )
         .first()
     )
+
+
+# Administrator actions. Each takes effect at once for the people in the lobby
+# and leaves an audit record naming the administrator.
+
+
+def lobby_close(*, lobby_name: str, by: AbstractBaseUser) -> list[str] | None:
+    """Close the lobby: everyone in it is told and disconnected, their stays
+    end (the history is kept), and no one may join until it is reopened.
+
+    Returns the ids of the sessions that were in it, or None if it was closed already.
+    """
+    with transaction.atomic():
+        lobby = _lock_lobby(lobby_name)
+        if lobby is None or lobby.closed_at is not None:
+            return None
+        now = timezone.now()
+        lobby.closed_at = now
+        lobby.save(update_fields=["closed_at"])
+        live = Membership.objects.filter(lobby=lobby, left_at__isnull=True)
+        session_ids = [str(session_id) for session_id in live.values_list("session_id", flat=True)]
+        # One event for everyone instead of a peer_left each: every connection is closing.
+        live.update(left_at=now, state=Membership.State.LEFT)
+        Session.objects.filter(pk__in=session_ids).update(last_seen_at=now)
+        publish(lobby_name, {"type": "lobby.closed"})
+        _roster_changed(lobby)
+        _audit("lobby_close", by, lobby, session_ids)
+    return session_ids
+
+
+def lobby_reopen(*, lobby_name: str, by: AbstractBaseUser) -> bool:
+    """Let people join a closed lobby again. Returns whether it was closed."""
+    with transaction.atomic():
+        lobby = _lock_lobby(lobby_name)
+        if lobby is None or lobby.closed_at is None:
+            return False
+        lobby.closed_at = None
+        lobby.save(update_fields=["closed_at"])
+        _audit("lobby_reopen", by, lobby, [])
+    return True
+
+
+def membership_kick(*, membership_id: int, by: AbstractBaseUser) -> LobbyBan | None:
+    """Remove a participant: its connection is told and closed, the others see
+    it leave, and its session may not rejoin for LOBBY_KICK_SECONDS.
+
+    Returns the ban, or None if the stay had already ended.
+    """
+    with transaction.atomic():
+        locked = _lock_live_membership(membership_id)
+        if locked is None:
+            return None
+        lobby, membership = locked
+        now = timezone.now()
+        seconds = settings.LOBBY_KICK_SECONDS
+        ban = LobbyBan.objects.create(
+            lobby=lobby, session_id=membership.session_id, until=now + timedelta(seconds=seconds), created_by=by
+        )
+        tell_channel(membership.channel_name, {"type": "lobby.kicked", "seconds": seconds})
+        _end_membership(membership, lobby.name, now)
+        _roster_changed(lobby)
+        _audit("membership_kick", by, lobby, [str(membership.session_id)])
+    return ban
+
+
+def membership_mute(*, membership_id: int, by: AbstractBaseUser) -> bool:
+    """Mark a participant muted, as its own `mute` would: everyone, the
+    participant included, receives peer_updated. Returns whether it was still there."""
+    with transaction.atomic():
+        locked = _lock_live_membership(membership_id)
+        if locked is None:
+            return False
+        lobby, membership = locked
+        _set_muted(lobby, membership, True)
+        _audit("membership_mute", by, lobby, [str(membership.session_id)])
+    return True
+
+
+def _lock_live_membership(membership_id: int) -> tuple[Lobby, Membership] | None:
+    """Lock a live membership and its lobby, the lobby first as every roster change does."""
+    lobby_name = Membership.objects.filter(pk=membership_id).values_list("lobby__name", flat=True).first()
+    if lobby_name is None:
+        return None
+    lobby = _lock_lobby(lobby_name)
+    if lobby is None:
+        return None
+    membership = (
+        Membership.objects.select_related("session")
+        .select_for_update(of=("self",))
+        .filter(pk=membership_id, lobby=lobby, left_at__isnull=True)
+        .first()
+    )
+    return None if membership is None else (lobby, membership)
+
+
+def _audit(action: str, by: AbstractBaseUser, lobby: Lobby, session_ids: list[str]) -> None:
+    """Log the action once the transaction that made it has committed."""
+    fields = {
+        "action": action,
+        "admin_user": by.get_username(),
+        "admin_user_id": by.pk,
+        "lobby": lobby.name,
+        "lobby_id": lobby.pk,
+        "session_ids": session_ids,
+    }
+    message = f"{action}: lobby {lobby.name} by {by.get_username()}, sessions {', '.join(session_ids) or 'none'}"
+    transaction.on_commit(partial(audit_log.info, message, extra=fields))

@@ -12,7 +12,7 @@ from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
 from django.views.decorators.http import require_GET
 
 from lobbies import selectors, services
-from lobbies.models import LOBBY_NAME_PATTERN, Session
+from lobbies.models import LOBBY_NAME_PATTERN, LOBBY_PASSWORD_MAX_LENGTH, Session
 
 MAX_NAME_LENGTH = 64
 MAX_BODY_BYTES = 16 * 1024
@@ -165,9 +165,14 @@ def lobby_collection(request: HttpRequest) -> HttpResponse:
     limit = settings.LOBBY_MAX_PARTICIPANTS_LIMIT
     if type(max_participants) is not int or not 1 <= max_participants <= limit:
         raise ApiError(400, "bad_field", f"'max_participants' must be a whole number from 1 to {limit}.")
+    password = data.get("password")
+    if "password" in data and (
+        not isinstance(password, str) or not 1 <= len(password) <= LOBBY_PASSWORD_MAX_LENGTH
+    ):
+        raise ApiError(400, "bad_field", f"'password' must be 1 to {LOBBY_PASSWORD_MAX_LENGTH} characters of text.")
     try:
         lobby = services.lobby_create(
-            name=name, private=private, max_participants=max_participants, created_by=creator
+            name=name, private=private, max_participants=max_participants, created_by=creator, password=password
         )
     except services.LobbyNameTaken:
         raise ApiError(409, "name_taken", f"A lobby named {name!r} already exists.")
@@ -176,7 +181,7 @@ def lobby_collection(request: HttpRequest) -> HttpResponse:
 
 @api_view("GET")
 def lobby_detail(request: HttpRequest, name: str) -> HttpResponse:
-    lobby = selectors.lobby_detail(name=name)
+    lobby = selectors.lobby_detail(name=name, password=request.headers.get("X-Lobby-Password", ""))
     if lobby is None:
         raise ApiError(404, "not_found", "No lobby has that name.")
     return JsonResponse(lobby)

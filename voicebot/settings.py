@@ -113,8 +113,8 @@ TEMPLATES = [
 ]
 
 
-def database_config() -> dict:
-    if not DATABASE_URL:
+def database_config(url: str = DATABASE_URL) -> dict:
+    if not url:
         DATA_DIR.mkdir(parents=True, exist_ok=True)
         return {
             "ENGINE": "django.db.backends.sqlite3",
@@ -128,7 +128,7 @@ def database_config() -> dict:
             },
         }
     # Django's pool hands out connections, so CONN_MAX_AGE must stay 0.
-    config = dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)
+    config = dj_database_url.parse(url, conn_max_age=0, conn_health_checks=True)
     if config["ENGINE"] == "django.db.backends.postgresql":
         config.setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("DATABASE_POOL_MIN_SIZE", 2),
@@ -138,7 +138,25 @@ def database_config() -> dict:
     return config
 
 
+def replica_config(url: str) -> dict:
+    """A read replica, built like the primary. Under Django's test runner it
+    mirrors "default": it uses the test database rather than getting its own."""
+    config = database_config(url)
+    if config["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_REPLICA_URL must list postgres:// URLs only.")
+    config["TEST"] = {"MIRROR": "default"}
+    return config
+
+
 DATABASES = {"default": database_config()}
+# Read replicas: replica_1, replica_2, ... Listings are read from them (see
+# voicebot/db_router.py); every other read and every write goes to "default".
+DATABASE_REPLICA_URLS = env_list("DATABASE_REPLICA_URL", [])
+if DATABASE_REPLICA_URLS and DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured("DATABASE_REPLICA_URL needs DATABASE_URL to point at PostgreSQL.")
+for number, replica_url in enumerate(DATABASE_REPLICA_URLS, start=1):
+    DATABASES[f"replica_{number}"] = replica_config(replica_url)
+DATABASE_ROUTERS = ["voicebot.db_router.ReplicaRouter"] if DATABASE_REPLICA_URLS else []
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 if REDIS_URL:
@@ -156,6 +174,8 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
+            # Fail fast when Redis is away: callers then fall back to the database.
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
         }
     }
 else:
@@ -215,8 +235,17 @@ LOBBY_MAX_PARTICIPANTS_LIMIT = env_int("LOBBY_MAX_PARTICIPANTS_LIMIT", 50)
 LOBBY_LIST_LIMIT = env_int("LOBBY_LIST_LIMIT", 100)
 # How long a dropped participant keeps its place, waiting to resume.
 LOBBY_RESUME_GRACE_SECONDS = env_int("LOBBY_RESUME_GRACE_SECONDS", 30)
+# How long a session an administrator kicked out of a lobby may not rejoin it.
+LOBBY_KICK_SECONDS = env_int("LOBBY_KICK_SECONDS", 300)
 # How often each server process records that its connections are alive, and
 # ends the stays of participants who did not come back in time.
 PRESENCE_INTERVAL_SECONDS = env_int("PRESENCE_INTERVAL_SECONDS", 5)
+
+# Caching of what joins and lookups read (see lobbies/cache.py). Off is for
+# measuring what the cache buys, not for production.
+VOICEBOT_CACHE = env_bool("VOICEBOT_CACHE", default=True)
+LOCAL_CACHE_SIZE = env_int("LOCAL_CACHE_SIZE", 10000)
+LOCAL_CACHE_TTL_SECONDS = env_int("LOCAL_CACHE_TTL_SECONDS", 60)
+ROSTER_CACHE_SECONDS = env_int("ROSTER_CACHE_SECONDS", 300)
 if not 1 <= LOBBY_DEFAULT_MAX_PARTICIPANTS <= LOBBY_MAX_PARTICIPANTS_LIMIT:
     raise ImproperlyConfigured("LOBBY_DEFAULT_MAX_PARTICIPANTS must be from 1 to LOBBY_MAX_PARTICIPANTS_LIMIT.")

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+from django.contrib.auth.hashers import check_password
 from django.test import Client
+from django.utils import timezone
 
 from lobbies import services
 from lobbies.models import Lobby, Membership, Session
@@ -26,14 +28,26 @@ def test_create_with_a_bearer_token_needs_no_csrf(alice: Person) -> None:
     response = create(client, {"name": "book-club", "private": False, "max_participants": 6}, **bearer(alice))
 
     assert response.status_code == 201
-    assert response.json() == {"name": "book-club", "private": False, "max_participants": 6, "participant_count": 0}
+    assert response.json() == {
+        "name": "book-club",
+        "private": False,
+        "max_participants": 6,
+        "participant_count": 0,
+        "has_password": False,
+    }
     assert str(Lobby.objects.get(name="book-club").created_by_id) == alice.id
 
 
 def test_defaults_apply_when_fields_are_left_out(alice: Person) -> None:
     response = create(Client(), {"name": "defaults"}, **bearer(alice))
 
-    assert response.json() == {"name": "defaults", "private": False, "max_participants": 12, "participant_count": 0}
+    assert response.json() == {
+        "name": "defaults",
+        "private": False,
+        "max_participants": 12,
+        "participant_count": 0,
+        "has_password": False,
+    }
 
 
 def test_a_cookie_authenticated_create_needs_the_csrf_token(alice: Person) -> None:
@@ -88,6 +102,10 @@ def test_a_name_taken_by_joining_is_409_too(alice: Person, bob: Person) -> None:
         ({"name": "ok", "max_participants": 51}, "bad_field"),
         ({"name": "ok", "max_participants": True}, "bad_field"),
         ({"name": "ok", "max_participants": 2.5}, "bad_field"),
+        ({"name": "ok", "password": ""}, "bad_field"),
+        ({"name": "ok", "password": "x" * 129}, "bad_field"),
+        ({"name": "ok", "password": 1234}, "bad_field"),
+        ({"name": "ok", "password": None}, "bad_field"),
     ],
 )
 def test_bad_fields_say_what_is_wrong(alice: Person, body: dict, code: str) -> None:
@@ -115,8 +133,8 @@ def test_list_shows_public_lobbies_busiest_first_with_counts(alice: Person, bob:
 
     assert response.status_code == 200
     assert response.json()["lobbies"] == [
-        {"name": "busy", "private": False, "max_participants": 4, "participant_count": 2},
-        {"name": "quiet", "private": False, "max_participants": 12, "participant_count": 0},
+        {"name": "busy", "private": False, "max_participants": 4, "participant_count": 2, "has_password": False},
+        {"name": "quiet", "private": False, "max_participants": 12, "participant_count": 0, "has_password": False},
     ]
 
 
@@ -130,3 +148,34 @@ def test_private_lobbies_are_listed_only_to_their_creator(alice: Person, bob: Pe
     assert [lobby["name"] for lobby in seen_by_alice] == ["secret"]
     assert seen_by_alice[0]["private"] is True
     assert seen_by_bob == seen_by_anyone == []
+
+
+def test_a_lobby_created_with_a_password_keeps_only_its_hash(alice: Person) -> None:
+    response = create(Client(), {"name": "vault", "password": "open sesame"}, **bearer(alice))
+
+    assert response.status_code == 201
+    assert response.json()["has_password"] is True
+    stored = Lobby.objects.get(name="vault").password_hash
+    assert "open sesame" not in stored
+    assert check_password("open sesame", stored)
+
+
+def test_the_list_says_which_lobbies_need_a_password(alice: Person) -> None:
+    create(Client(), {"name": "vault", "password": "open sesame"}, **bearer(alice))
+    create(Client(), {"name": "open-door"}, **bearer(alice))
+
+    listed = Client().get("/api/lobbies/").json()["lobbies"]
+
+    assert {lobby["name"]: lobby["has_password"] for lobby in listed} == {"vault": True, "open-door": False}
+
+
+def test_closed_lobbies_are_not_listed_and_their_names_stay_taken(alice: Person) -> None:
+    Lobby.objects.create(name="shut", closed_at=timezone.now())
+    Lobby.objects.create(name="open")
+
+    listed = Client().get("/api/lobbies/").json()["lobbies"]
+    again = create(Client(), {"name": "shut"}, **bearer(alice))
+
+    assert [lobby["name"] for lobby in listed] == ["open"]
+    assert again.status_code == 409
+    assert again.json()["code"] == "name_taken"

@@ -3,6 +3,7 @@
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlencode
 
 import pytest
 from channels.layers import get_channel_layer
@@ -41,14 +42,16 @@ class Client(WebsocketCommunicator):
         assert message == {"type": "websocket.close", "code": code}
 
 
-def open_client(lobby: str, *, token: str = "", cookie: str = "", origin: str | None = None) -> Client:
+def open_client(
+    lobby: str, *, token: str = "", cookie: str = "", origin: str | None = None, password: str = ""
+) -> Client:
     headers = []
     if cookie:
         headers.append((b"cookie", f"voicebot_token={cookie}".encode()))
     if origin:
         headers.append((b"origin", origin.encode()))
-    query = f"?token={token}" if token else ""
-    return Client(application, f"/ws/lobby/{lobby}/{query}", headers=headers)
+    query = urlencode({name: value for name, value in [("token", token), ("password", password)] if value})
+    return Client(application, f"/ws/lobby/{lobby}/" + (f"?{query}" if query else ""), headers=headers)
 
 
 @pytest.fixture
