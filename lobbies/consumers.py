@@ -144,6 +144,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "type": "welcome",
                 "peer_id": self.peer_id,
                 "name": self.name,
+                # Kept across a resume, and possibly set by an administrator meanwhile.
+                "muted": joined.peer["muted"],
                 "lobby": {"name": joined.lobby.name, "max_participants": joined.lobby.max_participants},
                 "peers": [peer for peer, _ in joined.peers],
                 "ice_servers": settings.VOICEBOT_ICE_SERVERS,

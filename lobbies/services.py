@@ -109,37 +109,32 @@ def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password
     Anyone else needs the lobby's password, if it has one, and is refused
     from a closed lobby and from one it was kicked out of for a while.
     """
-    # Hashing is slow on purpose, so the password is checked before the
-    # lobby's lock is taken; the join then makes sure it is still the same.
-    opened_hash = _password_checked(lobby_name, session, password)
-    return _join(lobby_name=lobby_name, session=session, channel_name=channel_name, opened_hash=opened_hash)
-
-
-def _password_checked(lobby_name: str, session: Session, password: str) -> str:
-    """The password hash that `password` opened: "" when none was needed.
-
-    A password for a lobby that does not exist gets the same refusal as a
-    wrong one, and creates nothing, so guessing tells no one which names exist.
-    """
+    try:
+        return _join(lobby_name=lobby_name, session=session, channel_name=channel_name, password=password)
+    except BadPassword:
+        if not password:
+            raise
+    # Hashing is slow on purpose, so it is done only when the join needs it,
+    # outside the lobby's lock; the join then checks the hash is still the lobby's.
     lobby = Lobby.objects.filter(name=lobby_name).first()
-    if lobby is None and not password:
-        return ""
-    if lobby is not None and (
-        not lobby.has_password or lobby.memberships.filter(session=session, left_at__isnull=True).exists()
-    ):
-        return ""
-    if not password or not selectors.lobby_password_opens(lobby, password):
+    if not selectors.lobby_password_opens(lobby, password):
         raise BadPassword(lobby_name)
-    return lobby.password_hash
+    return _join(
+        lobby_name=lobby_name, session=session, channel_name=channel_name, password=password, opened_hash=lobby.password_hash
+    )
 
 
 @transaction.atomic
-def _join(*, lobby_name: str, session: Session, channel_name: str, opened_hash: str) -> JoinResult:
+def _join(*, lobby_name: str, session: Session, channel_name: str, password: str, opened_hash: str = "") -> JoinResult:
     # The row lock serialises changes to one lobby's roster: two joins cannot
     # both take its last place, and the cached roster follows commit order.
-    lobby, _ = Lobby.objects.select_for_update().get_or_create(
-        name=lobby_name, defaults={"created_by": session}
-    )
+    if password:
+        # A password must not create a lobby: that would tell which names exist.
+        lobby = Lobby.objects.select_for_update().filter(name=lobby_name).first()
+        if lobby is None:
+            raise BadPassword(lobby_name)
+    else:
+        lobby, _ = Lobby.objects.select_for_update().get_or_create(name=lobby_name, defaults={"created_by": session})
     roster = selectors.lobby_roster(lobby)
     mine = next((entry for entry in roster if entry["peer"]["peer_id"] == str(session.pk)), None)
     others = [entry for entry in roster if entry is not mine]
@@ -227,10 +222,7 @@ def lobby_disconnect(*, lobby_name: str, session_id: str, channel_name: str) -> 
         membership = _live_membership(lobby_name, session_id, channel_name)
         if lobby is None or membership is None:
             return
-        membership.state = Membership.State.RECONNECTING
-        membership.disconnected_at = timezone.now()
-        membership.save(update_fields=["state", "disconnected_at"])
-        publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership)})
+        _mark_reconnecting(membership, lobby_name, since=timezone.now())
         _roster_changed(lobby)
 
 
@@ -244,29 +236,53 @@ def memberships_touch(*, membership_ids: list[int]) -> None:
 
 
 def memberships_expire() -> int:
-    """End the stays of participants who dropped and did not come back within
-    the grace period, and of connections whose server stopped refreshing them.
+    """Catch up with connections that are gone, and end the stays of those who
+    did not come back.
 
-    Safe to run in every server process at once: each stay is ended under its
-    lobby's lock and only if still due, so everyone hears of it once.
+    A connected row its server stopped refreshing belonged to a server that
+    died or stopped: it becomes `reconnecting`, as if from its last refresh.
+    A reconnecting row past the grace period ends, and the others see
+    `peer_left`. Safe to run in every server process at once: each row is
+    changed under its lobby's lock and only if still due, so everyone hears
+    of each change once.
     """
     now = timezone.now()
-    grace = timedelta(seconds=settings.LOBBY_RESUME_GRACE_SECONDS)
-    silent = grace + timedelta(seconds=2 * settings.PRESENCE_INTERVAL_SECONDS)
-    due = Q(left_at__isnull=True) & (
-        Q(state=Membership.State.RECONNECTING, disconnected_at__lt=now - grace) | Q(last_seen_at__lt=now - silent)
+    lost = Q(
+        left_at__isnull=True,
+        state=Membership.State.CONNECTED,
+        last_seen_at__lt=now - timedelta(seconds=2 * settings.PRESENCE_INTERVAL_SECONDS),
     )
-    ended = 0
-    for membership_id, lobby_name in Membership.objects.filter(due).values_list("pk", "lobby__name"):
+    expired = Q(
+        left_at__isnull=True,
+        state=Membership.State.RECONNECTING,
+        disconnected_at__lt=now - timedelta(seconds=settings.LOBBY_RESUME_GRACE_SECONDS),
+    )
+    changed = 0
+    for membership_id, lobby_name in Membership.objects.filter(lost | expired).values_list("pk", "lobby__name"):
         with transaction.atomic():
             lobby = _lock_lobby(lobby_name)
-            membership = Membership.objects.select_for_update().filter(due, pk=membership_id).first()
+            membership = (
+                Membership.objects.select_related("session")
+                .select_for_update(of=("self",))
+                .filter(lost | expired, pk=membership_id)
+                .first()
+            )
             if lobby is None or membership is None:
                 continue
-            _end_membership(membership, lobby_name, now)
+            if membership.state == Membership.State.CONNECTED:
+                _mark_reconnecting(membership, lobby_name, since=membership.last_seen_at)
+            else:
+                _end_membership(membership, lobby_name, now)
             _roster_changed(lobby)
-            ended += 1
-    return ended
+            changed += 1
+    return changed
+
+
+def _mark_reconnecting(membership: Membership, lobby_name: str, since: datetime) -> None:
+    membership.state = Membership.State.RECONNECTING
+    membership.disconnected_at = since
+    membership.save(update_fields=["state", "disconnected_at"])
+    publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership)})
 
 
 def _end_membership(membership: Membership, lobby_name: str, now: datetime) -> None:

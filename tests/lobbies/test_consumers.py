@@ -82,6 +82,7 @@ async def test_welcome_describes_the_lobby_and_the_others(connect: Connect, alic
         "type": "welcome",
         "peer_id": bob.id,
         "name": "Bob",
+        "muted": False,
         "lobby": {"name": "room", "max_participants": 12},
         "peers": [{"peer_id": alice.id, "name": "Alice", "bot": False, "muted": False, "state": "connected"}],
         "ice_servers": [],

@@ -159,7 +159,10 @@ async def test_a_killed_process_loses_its_people_to_the_other_one(
     await bob.send({"type": "chat", "text": "welcome back"})
     for client in (alice, bob):
         assert (await client.receive())["text"] == "welcome back"
-    # Carol never comes back: the survivor ends her stay once her rows go stale.
+    # Carol never comes back: once her row goes stale the survivor marks her
+    # reconnecting, and ends her stay after the grace period.
+    update = await bob.receive(timeout=15)
+    assert (update["type"], update["peer"]["peer_id"], update["peer"]["state"]) == ("peer_updated", carol.id, "reconnecting")
     assert await bob.receive(timeout=15) == {"type": "peer_left", "peer_id": carol.id}
     await alice.close()
     await bob.close()
