@@ -22,7 +22,7 @@ from django.utils import timezone
 from lobbies import services
 from lobbies.models import Lobby, LobbyBan, Membership
 from tests.conftest import LiveClient, LiveServer, Person
-from tests.lobbies.test_consumers import Client, open_client
+from tests.lobbies.test_consumers import Client, joined, open_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 # Over the Redis and the in-memory channel layer, as the other consumer tests.
@@ -48,15 +48,6 @@ async def act(admin: AsyncClient, model: str, action: str, *objects: Lobby | Mem
     selected = [str(obj.pk) for obj in objects]
     response = await admin.post(f"/admin/lobbies/{model}/", {"action": action, "_selected_action": selected})
     assert response.status_code == 302, response.content
-
-
-async def joined(person: Person, lobby: str = "room") -> Client:
-    client = open_client(lobby, token=person.token)
-    connected, _ = await client.connect(timeout=3)
-    assert connected
-    client.welcome = await client.receive()
-    assert client.welcome["type"] == "welcome", client.welcome
-    return client
 
 
 async def refused(person: Person, code: str, close_code: int, lobby: str = "room") -> dict:

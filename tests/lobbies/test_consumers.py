@@ -54,19 +54,24 @@ def open_client(
     return Client(application, f"/ws/lobby/{lobby}/" + (f"?{query}" if query else ""), headers=headers)
 
 
+async def joined(person: Person, lobby: str = "room") -> Client:
+    """A client of `person` in `lobby`, its welcome read (and kept as `.welcome`)."""
+    client = open_client(lobby, token=person.token)
+    connected, _ = await client.connect(timeout=3)
+    assert connected
+    client.welcome = await client.receive()
+    assert client.welcome["type"] == "welcome", client.welcome
+    return client
+
+
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
     """Join a lobby as a person; returns the connected client, its welcome already read."""
     clients: list[Client] = []
 
     async def join(person: Person, lobby: str = "room") -> Client:
-        client = open_client(lobby, token=person.token)
-        connected, _ = await client.connect(timeout=3)
-        assert connected
+        client = await joined(person, lobby)
         clients.append(client)
-        welcome = await client.receive()
-        assert welcome["type"] == "welcome", welcome
-        client.welcome = welcome
         return client
 
     yield join

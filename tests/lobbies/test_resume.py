@@ -6,18 +6,9 @@ import pytest
 
 from lobbies.models import Lobby, Membership
 from tests.conftest import Person
-from tests.lobbies.test_consumers import Client, open_client
+from tests.lobbies.test_consumers import joined, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer")]
-
-
-async def joined(person: Person, lobby: str = "room") -> Client:
-    client = open_client(lobby, token=person.token)
-    connected, _ = await client.connect(timeout=3)
-    assert connected
-    client.welcome = await client.receive()
-    assert client.welcome["type"] == "welcome", client.welcome
-    return client
 
 
 async def test_a_dropped_peer_is_reconnecting_then_resumes_its_place(alice: Person, bob: Person) -> None:
