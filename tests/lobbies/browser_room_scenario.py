@@ -12,7 +12,19 @@ non-zero, with the reason on stderr and in the JSON "error", when anything fails
 
 After the meeting itself it restarts the server on the same port and data
 directory (both pages must reconnect on their own, still see each other and hear
-each other again), then reloads Bob's page (Alice must see the same Bob back).
+each other again), then drops Bob's connection (Alice must see him reconnecting,
+then back), loses the offer that would rebuild their connection (the offering
+page must offer again), then reloads Bob's page (Alice must see the same Bob
+back), opens a second tab as Bob (it takes over, the first stops for good),
+and Bob leaves (Alice must see him go at once).
+
+Last, Alice creates a lobby with a password on the landing page and lands in
+it without typing the password again; Bob opens its link, is asked for the
+password, gives a wrong one (asked again), then the right one, and they hear
+each other. There Bob's page is shown an administrator's mute (played into
+its socket: the page must mute itself without answering), a quick mute-unmute
+must not flicker, and a kick and a closed lobby (played in too) must stop the
+pages for good with the right words.
 """
 
 import json
@@ -47,6 +59,10 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 LOBBY = "e2e-room"
+SECRET_LOBBY = "e2e-secret"
+# A space, an '&' and non-ASCII letters: the page must percent-encode it as UTF-8.
+SECRET_PASSWORD = "open sesame & süß"
+WRONG_PASSWORD = "open says me"
 CHAT_TEXT = "Hello Bob <b>not bold</b> & welcome"
 DELIVERY_FAILED = {"type": "error", "code": "delivery_failed", "message": "That peer cannot receive messages right now."}
 
@@ -60,6 +76,8 @@ BYTES_GROWTH_WINDOW = 2.0
 # hearing each other on fresh peer connections. The pages' backoff is capped at
 # 15 s, and the server is down for a few seconds only.
 RECONNECT_TIMEOUT = 30
+# Well under the server's resume grace period (30 s): a leave is not a drop.
+LEAVE_TIMEOUT_MS = 5_000
 # The room page greys its participants and chat with this class while it reconnects.
 STALE = re.compile(r"\bstale\b")
 
@@ -95,19 +113,75 @@ async () => {
 
 
 # Keeps every WebSocket the page opens, so the scenario can play a server frame
-# into the room page's own socket (the page cannot tell it from a real one).
+# into the room page's own socket (the page cannot tell it from a real one), and
+# a short summary of the frames the server sent, for the report.
 SOCKET_SPY_JS = """
 (() => {
   const NativeWebSocket = window.WebSocket;
   const sockets = [];
+  const frames = [];
+  const sent = [];
   window.__voicebotSockets = sockets;
+  window.__voicebotFrames = frames;
+  // What the page sent, except ICE and pings: e.g. "mute true".
+  window.__voicebotSent = sent;
   window.WebSocket = class extends NativeWebSocket {
     constructor(...args) {
       super(...args);
       sockets.push(this);
+      const socket = sockets.length;
+      const send = this.send.bind(this);
+      this.send = (data) => {
+        const frame = JSON.parse(data);
+        if (frame.type !== 'ice' && frame.type !== 'ping') sent.push([frame.type, frame.muted].filter((x) => x !== undefined).join(' '));
+        send(data);
+      };
+      this.addEventListener('message', (event) => {
+        const frame = JSON.parse(event.data);
+        const peers = frame.peers || (frame.peer ? [frame.peer] : []);
+        const states = peers.map((peer) => peer.state).filter(Boolean);
+        const summary = [`#${socket}`, frame.type, frame.code, ...states].filter(Boolean).join(' ');
+        if (frame.type !== 'pong' && frame.type !== 'ice') frames.push(summary);
+      });
+      this.addEventListener('close', (event) => frames.push(`#${socket} close ${event.code}`));
     }
   };
 })();
+"""
+
+# Records every change of a participant's state on the page, however brief.
+WATCH_PARTICIPANTS_JS = """
+() => {
+  const changes = [];
+  window.__participantChanges = changes;
+  new MutationObserver((records) => {
+    for (const record of records) {
+      const item = record.target;
+      changes.push({ peerId: item.dataset.peerId, state: item.dataset.state });
+    }
+  }).observe(document.getElementById('participants'), {
+    subtree: true, attributes: true, attributeFilter: ['data-state'],
+  });
+}
+"""
+
+# Drops the page's socket the way a network failure would look to the server (not 1000).
+DROP_SOCKET_JS = "() => window.__voicebotSockets.at(-1).close(4000, 'test drop')"
+
+# Loses the next offer the page sends, as a relay to a dead connection would.
+SWALLOW_NEXT_OFFER_JS = """
+() => {
+  const socket = window.__voicebotSockets.at(-1);
+  const send = socket.send.bind(socket);
+  window.__swallowedOffers = 0;
+  socket.send = (data) => {
+    if (window.__swallowedOffers === 0 && JSON.parse(data).type === 'offer') {
+      window.__swallowedOffers += 1;
+      return;
+    }
+    send(data);
+  };
+}
 """
 
 # Plays a server frame into the newest socket, as if the server had sent it.
@@ -358,6 +432,7 @@ def server_restart(pages: dict[str, Page], server: Server, ids: dict[str, str], 
     other = {"alice": "bob", "bob": "alice"}
     serials = {who: newest_serial(probe(page)) for who, page in pages.items()}
     log_start = {who: len(status_history(page)) for who, page in pages.items()}
+    frames_start = {who: page.evaluate("window.__voicebotFrames.length") for who, page in pages.items()}
 
     server.stop()
     stopped = epoch_ms()
@@ -395,6 +470,8 @@ def server_restart(pages: dict[str, Page], server: Server, ids: dict[str, str], 
         results[f"restart_{who}_same_peer_id"] = first[who]["selfId"] == ids[who]
         log = status_history(pages[who])[log_start[who]:]
         results[f"restart_{who}_status_log"] = [entry["text"] for entry in log]
+        results[f"restart_{who}_attempts"] = sum(entry["state"] == "reconnecting" for entry in log)
+        results[f"restart_{who}_frames"] = pages[who].evaluate("window.__voicebotFrames")[frames_start[who]:]
         results[f"restart_{who}_reconnected_after_reconnecting"] = (
             any(entry["state"] == "reconnecting" for entry in log) and log[-1]["state"] == "connected"
         )
@@ -422,10 +499,66 @@ def server_restart(pages: dict[str, Page], server: Server, ids: dict[str, str], 
         save_screenshot(page, f"restarted-{who}")
 
 
+def bob_drops(pages: dict[str, Page], ids: dict[str, str], results: dict) -> None:
+    """Bob's connection drops and he cannot come back for a moment: Alice sees him
+    reconnecting, then back, and they hear each other again."""
+    alice, bob = pages["alice"], pages["bob"]
+    serials = {who: newest_serial(probe(page)) for who, page in pages.items()}
+    resume = "**/api/sessions/resume/"
+    bob.route(resume, lambda route: route.abort())
+    try:
+        dropped = epoch_ms()
+        bob.evaluate(DROP_SOCKET_JS)
+        bob_item = participant(alice, ids["bob"])
+        check(
+            results,
+            "drop_alice_sees_bob_reconnecting",
+            lambda: (
+                expect(bob_item).to_have_attribute("data-state", "reconnecting"),
+                expect(bob_item.locator(".badge-reconnecting")).to_be_visible(),
+            ),
+        )
+        check(
+            results,
+            "drop_bob_shows_reconnecting",
+            lambda: expect(bob.locator("#connection-status")).to_contain_text("Reconnecting… (attempt"),
+        )
+        for who, page in pages.items():
+            save_screenshot(page, f"dropped-{who}")
+    finally:
+        bob.unroute(resume)
+    wait_until_connected(bob, "Bob", timeout_ms=RECONNECT_TIMEOUT * 1000)
+    check(results, "drop_alice_sees_bob_back", lambda: shows_connected_peer(alice, ids["bob"], "Bob"))
+    first = wait_for_audio(pages, newer_than=serials, timeout=RECONNECT_TIMEOUT)
+    for who in pages:
+        results[f"drop_{who}_to_audio_ms"] = first[who]["now"] - dropped
+    results["drop_bob_same_peer_id"] = first["bob"]["selfId"] == ids["bob"]
+    measure_bytes_growth(pages, results, "drop_")
+
+
+def offer_lost(pages: dict[str, Page], ids: dict[str, str], results: dict) -> None:
+    """The offer that would rebuild a connection is lost: the offering page sends another."""
+    offerer = "alice" if ids["alice"] < ids["bob"] else "bob"
+    answerer = "bob" if offerer == "alice" else "alice"
+    serials = {who: newest_serial(probe(page)) for who, page in pages.items()}
+    pages[offerer].evaluate(SWALLOW_NEXT_OFFER_JS)
+    dropped = epoch_ms()
+    # The answerer comes back from a drop, so the offerer rebuilds and offers.
+    pages[answerer].evaluate(DROP_SOCKET_JS)
+    wait_until_connected(pages[answerer], answerer, timeout_ms=RECONNECT_TIMEOUT * 1000)
+    first = wait_for_audio(pages, newer_than=serials, timeout=RECONNECT_TIMEOUT)
+    results["lost_offer_offerer"] = offerer
+    results["lost_offer_swallowed"] = pages[offerer].evaluate("window.__swallowedOffers") == 1
+    for who in pages:
+        results[f"lost_offer_{who}_to_audio_ms"] = first[who]["now"] - dropped
+    measure_bytes_growth(pages, results, "lost_offer_")
+
+
 def bob_reloads(pages: dict[str, Page], ids: dict[str, str], results: dict) -> None:
     """Bob reloads his page: the same Bob (same peer id) comes back, and audio with him."""
     alice, bob = pages["alice"], pages["bob"]
     serials = {"alice": newest_serial(probe(alice)), "bob": 0}
+    alice.evaluate(WATCH_PARTICIPANTS_JS)
     reloaded = epoch_ms()
     bob.reload()
     wait_until_connected(bob, "Bob", timeout_ms=RECONNECT_TIMEOUT * 1000)
@@ -436,15 +569,266 @@ def bob_reloads(pages: dict[str, Page], ids: dict[str, str], results: dict) -> N
     check(results, "reload_alice_sees_bob", lambda: shows_connected_peer(alice, ids["bob"], "Bob"))
     check(results, "reload_bob_sees_alice", lambda: shows_connected_peer(bob, ids["alice"], "Alice"))
     check(results, "reload_alice_sees_two", lambda: expect(alice.locator("#participants li")).to_have_count(2))
-    # A reloaded page starts unmuted, and says so.
+    # However briefly, Alice was shown Bob reconnecting (not leaving), then back.
+    changes = [c["state"] for c in alice.evaluate("window.__participantChanges") if c["peerId"] == ids["bob"]]
+    results["reload_alice_bob_states"] = changes
+    results["reload_alice_saw_bob_reconnect"] = "reconnecting" in changes and changes[-1] == "connected"
+    # Bob was muted: his place still is, so the reloaded page mutes its microphone
+    # on the welcome's word, without a mute frame of its own.
     check(
         results,
-        "reload_bob_unmuted_seen_by_alice",
-        lambda: expect(participant(alice, ids["bob"]).locator(".badge-muted")).to_be_hidden(),
+        "reload_bob_mute_kept",
+        lambda: (
+            expect(participant(alice, ids["bob"]).locator(".badge-muted")).to_be_visible(),
+            expect(bob.locator("#mute-button")).to_have_text("Unmute"),
+            expect(participant(bob, ids["bob"]).locator(".badge-muted")).to_be_visible(),
+        ),
     )
+    results["reload_bob_mic_off"] = bob.evaluate("window.voicebotRoom.micEnabled") is False
+    results["reload_bob_mute_frames"] = [f for f in bob.evaluate("window.__voicebotSent") if f.startswith("mute")]
+    results["reload_bob_sent_no_mute"] = results["reload_bob_mute_frames"] == []
     measure_bytes_growth(pages, results, "reload_")
     for who, page in pages.items():
         save_screenshot(page, f"reloaded-{who}")
+
+
+def bob_opens_second_tab(pages: dict[str, Page], base_url: str, ids: dict[str, str], results: dict) -> Page:
+    """Bob opens the room in a second tab as the same session: it takes over, the
+    first tab stops for good (no reconnecting back and forth), Alice keeps Bob.
+    Returns the second tab; the first is closed."""
+    alice, first_tab = pages["alice"], pages["bob"]
+    session = first_tab.evaluate("sessionStorage.getItem('voicebot.session')")
+    serials = {"alice": newest_serial(probe(alice)), "bob": 0}
+    tab = first_tab.context.new_page()
+    watch_http(tab, "bob-tab-2", results)
+    tab.add_init_script(f"sessionStorage.setItem('voicebot.session', {json.dumps(session)})")
+    opened = epoch_ms()
+    tab.goto(f"{base_url}/lobby/{LOBBY}/")
+    wait_until_connected(tab, "Bob's second tab")
+    status = first_tab.locator("#connection-status")
+    check(
+        results,
+        "second_tab_replaces_first",
+        lambda: (
+            expect(status).to_have_attribute("data-state", "disconnected"),
+            expect(status).to_contain_text("another tab"),
+            expect(first_tab.locator("#rejoin-button")).to_be_visible(),
+        ),
+    )
+    pages = {"alice": alice, "bob": tab}
+    first = wait_for_audio(pages, newer_than=serials, timeout=RECONNECT_TIMEOUT)
+    for who in pages:
+        results[f"second_tab_{who}_to_audio_ms"] = first[who]["now"] - opened
+    results["second_tab_same_peer_id"] = first["bob"]["selfId"] == ids["bob"]
+    check(results, "second_tab_alice_sees_bob", lambda: shows_connected_peer(alice, ids["bob"], "Bob"))
+    measure_bytes_growth(pages, results, "second_tab_")
+    # The replaced tab must not come back on its own, or the two tabs would take turns.
+    state = first_tab.evaluate(
+        "({ connection: window.voicebotRoom.connection, socket: window.voicebotRoom.socketState,"
+        " attempts: window.voicebotRoom.reconnectAttempts, close: window.voicebotRoom.lastClose })"
+    )
+    results["second_tab_first_tab_state"] = state
+    results["second_tab_first_tab_stays_out"] = (
+        state["connection"] == "disconnected" and state["socket"] == "none" and state["attempts"] == 0
+        and state["close"]["code"] == 4409
+    )
+    save_screenshot(first_tab, "replaced-bob")
+    first_tab.close()
+    return tab
+
+
+def bob_leaves(pages: dict[str, Page], base_url: str, ids: dict[str, str], results: dict) -> None:
+    """Leave is on purpose: Alice sees Bob go at once, not after the resume grace period."""
+    alice, bob = pages["alice"], pages["bob"]
+    left = time.monotonic()
+    bob.get_by_role("button", name="Leave").click()
+    bob.wait_for_url(f"{base_url}/")
+    check(
+        results,
+        "leave_alice_sees_bob_gone",
+        lambda: expect(participant(alice, ids["bob"])).to_have_count(0, timeout=LEAVE_TIMEOUT_MS),
+    )
+    results["leave_seen_ms"] = round((time.monotonic() - left) * 1000)
+
+
+def mute_frames_sent(page: Page, since: int = 0) -> list[str]:
+    return [frame for frame in page.evaluate("window.__voicebotSent")[since:] if frame.startswith("mute")]
+
+
+def password_lobby(pages: dict[str, Page], base_url: str, results: dict) -> dict[str, Page]:
+    """Alice creates a lobby with a password and lands in it; Bob is asked for
+    the password, gives a wrong one, then the right one; they hear each other."""
+    alice, bob = pages["alice"], pages["bob"]
+    alice.get_by_role("button", name="Leave").click()
+    alice.wait_for_url(f"{base_url}/")
+    alice.fill("#create-name", SECRET_LOBBY)
+    alice.fill("#create-password", SECRET_PASSWORD)
+    alice.get_by_role("button", name="Create and join").click()
+    alice.wait_for_url(f"{base_url}/lobby/{SECRET_LOBBY}/")
+    wait_until_connected(alice, "Alice in the password lobby")
+    results["secret_alice_not_asked"] = alice.locator("#password-step").is_hidden()
+
+    # Bob is on the landing page since he left: the list marks the lobby as locked.
+    check(
+        results,
+        "secret_lock_shown",
+        lambda: (
+            expect(bob.locator("#lobby-list li", has_text=SECRET_LOBBY).locator(".badge-password")).to_be_visible(),
+            expect(bob.locator("#lobby-list li", has_text=LOBBY).locator(".badge-password")).to_be_hidden(),
+        ),
+    )
+    save_screenshot(bob, "landing-lock-bob")
+
+    bob.goto(f"{base_url}/lobby/{SECRET_LOBBY}/")
+    prompt, note = bob.locator("#password-step"), bob.locator("#password-message")
+    check(
+        results,
+        "secret_bob_asked",
+        lambda: (
+            expect(prompt).to_be_visible(),
+            expect(note).to_be_hidden(),
+            expect(bob.locator("#room-ui")).to_be_hidden(),
+        ),
+    )
+    bob.fill("#password-input", WRONG_PASSWORD)
+    bob.locator("#password-form").get_by_role("button", name="Join").click()
+    check(
+        results,
+        "secret_bob_asked_again",
+        lambda: (
+            expect(note).to_contain_text("wrong"),
+            expect(prompt).to_be_visible(),
+            expect(bob.locator("#password-input")).to_have_value(""),
+        ),
+    )
+    results["secret_wrong_password_forgotten"] = (
+        bob.evaluate(f"sessionStorage.getItem('voicebot.password.{SECRET_LOBBY}')") is None
+    )
+    save_screenshot(bob, "password-wrong-bob")
+    bob.fill("#password-input", SECRET_PASSWORD)
+    bob.locator("#password-form").get_by_role("button", name="Join").click()
+    wait_until_connected(bob, "Bob in the password lobby")
+    results["secret_password_kept"] = (
+        bob.evaluate(f"sessionStorage.getItem('voicebot.password.{SECRET_LOBBY}')") == SECRET_PASSWORD
+    )
+    first = wait_for_audio(pages)
+    ids = {who: first[who]["selfId"] for who in pages}
+    check(results, "secret_alice_sees_bob", lambda: shows_connected_peer(alice, ids["bob"], "Bob"))
+    check(results, "secret_bob_sees_alice", lambda: shows_connected_peer(bob, ids["alice"], "Alice"))
+    measure_bytes_growth(pages, results, "secret_")
+    for who, page in pages.items():
+        save_screenshot(page, f"secret-{who}")
+    return ids
+
+
+def admin_mute_and_quick_toggle(pages: dict[str, Page], ids: dict[str, str], results: dict) -> None:
+    """An administrator's mute (played into Bob's socket) mutes Bob's page with
+    no mute frame back; a quick mute-unmute does not flicker on its echoes."""
+    alice, bob = pages["alice"], pages["bob"]
+    bob_self = participant(bob, ids["bob"])
+    sent = len(bob.evaluate("window.__voicebotSent"))
+    admin_mute = {
+        "type": "peer_updated",
+        "peer": {"peer_id": ids["bob"], "name": "Bob", "bot": False, "muted": True, "state": "connected"},
+    }
+    bob.evaluate(INJECT_FRAME_JS, admin_mute)
+    check(
+        results,
+        "admin_mute_shown",
+        lambda: (
+            expect(bob.locator("#mute-button")).to_have_text("Unmute"),
+            expect(bob.locator("#mute-button")).to_have_attribute("aria-pressed", "true"),
+            expect(bob.locator("#room-notice")).to_contain_text("An administrator muted you"),
+            expect(bob_self.locator(".badge-muted")).to_be_visible(),
+        ),
+    )
+    results["admin_mute_mic_off"] = bob.evaluate("window.voicebotRoom.micEnabled") is False
+    results["admin_mute_frames_sent"] = mute_frames_sent(bob, sent)
+    results["admin_mute_not_answered"] = results["admin_mute_frames_sent"] == []
+    save_screenshot(bob, "admin-muted-bob")
+    # Bob may unmute again.
+    bob.get_by_role("button", name="Unmute").click()
+    results["admin_mute_unmuted_mic_on"] = bob.evaluate("window.voicebotRoom.micEnabled") is True
+
+    # Mute and unmute in one go: both frames are out before either echo is back.
+    bob.evaluate(
+        """() => {
+          const seen = [];
+          window.__selfMuted = seen;
+          const item = document.querySelector('#participants li.self');
+          // Each record's old value is what was shown before it; the last is shown now.
+          new MutationObserver((records) => seen.push(...records.map((record) => record.oldValue)))
+            .observe(item, { attributes: true, attributeFilter: ['data-muted'], attributeOldValue: true });
+          const button = document.getElementById('mute-button');
+          button.click();
+          button.click();
+        }"""
+    )
+    try:
+        bob.wait_for_function("window.voicebotRoom.muteEchoesPending === 0", timeout=STEP_TIMEOUT_MS)
+        results["quick_toggle_echoes_back"] = True
+    except PlaywrightError:
+        results["quick_toggle_echoes_back"] = False
+    seen = bob.evaluate("[...window.__selfMuted, document.querySelector('#participants li.self').dataset.muted]")
+    shown = [value for i, value in enumerate(seen) if i == 0 or seen[i - 1] != value]
+    results["quick_toggle_self_shown"] = shown
+    # Unmuted, muted by the first click, unmuted by the second; the echoes change nothing.
+    results["quick_toggle_no_flicker"] = shown == ["false", "true", "false"]
+    check(
+        results,
+        "quick_toggle_ends_unmuted",
+        lambda: (
+            expect(bob.locator("#mute-button")).to_have_text("Mute"),
+            expect(bob_self.locator(".badge-muted")).to_be_hidden(),
+            expect(participant(alice, ids["bob"]).locator(".badge-muted")).to_be_hidden(),
+        ),
+    )
+    results["quick_toggle_mic_on"] = bob.evaluate("window.voicebotRoom.micEnabled") is True
+
+
+# Ends the page's socket as the server would after an error, without the real socket closing.
+FINAL_CLOSE_JS = """
+([error, code]) => {
+  const socket = window.__voicebotSockets.at(-1);
+  socket.dispatchEvent(new MessageEvent('message', { data: JSON.stringify(error) }));
+  socket.dispatchEvent(new CloseEvent('close', { code, reason: '' }));
+}
+"""
+
+
+def final_closes(pages: dict[str, Page], results: dict) -> None:
+    """A kick and a closed lobby (played in) stop the pages for good, with the right words."""
+    cases = {
+        "bob": (
+            {"type": "error", "code": "kicked",
+             "message": "An administrator removed you from this lobby; you may join it again in 5 min."},
+            4008,
+            "you may join it again in 5 min",
+        ),
+        "alice": (
+            {"type": "error", "code": "lobby_closed", "message": "An administrator closed this lobby."},
+            4410,
+            "An administrator closed this lobby.",
+        ),
+    }
+    for who, (error, code, words) in cases.items():
+        page = pages[who]
+        page.evaluate(FINAL_CLOSE_JS, [error, code])
+        status = page.locator("#connection-status")
+        check(
+            results,
+            f"final_close_{code}_shown",
+            lambda page=page, status=status, words=words: (
+                expect(status).to_have_attribute("data-state", "disconnected"),
+                expect(status).to_contain_text(words),
+                expect(page.locator("#rejoin-button")).to_be_visible(),
+            ),
+        )
+        state = page.evaluate(
+            "({ connection: window.voicebotRoom.connection, attempts: window.voicebotRoom.reconnectAttempts })"
+        )
+        results[f"final_close_{code}_stays_out"] = state == {"connection": "disconnected", "attempts": 0}
+        save_screenshot(page, f"closed-{code}-{who}")
 
 
 def run_browser(server: Server, results: dict) -> None:
@@ -528,7 +912,14 @@ def run_browser(server: Server, results: dict) -> None:
 
             ids = {"alice": alice_id, "bob": bob_id}
             server_restart(pages, server, ids, results)
+            bob_drops(pages, ids, results)
+            offer_lost(pages, ids, results)
             bob_reloads(pages, ids, results)
+            pages["bob"] = bob_opens_second_tab(pages, base_url, ids, results)
+            bob_leaves(pages, base_url, ids, results)
+            secret_ids = password_lobby(pages, base_url, results)
+            admin_mute_and_quick_toggle(pages, secret_ids, results)
+            final_closes(pages, results)
         finally:
             browser.close()
 
@@ -546,7 +937,7 @@ def evaluate(results: dict) -> list[str]:
     if not all(str(results.get(key, "")).isdigit() for key in ("create_max_value", "create_max_limit")):
         failures.append("create_max_from_server")
     for who in ("alice", "bob"):
-        for prefix in ("", "restart_", "reload_"):
+        for prefix in ("", "restart_", "drop_", "lost_offer_", "reload_", "second_tab_", "secret_"):
             if not results.get(f"{prefix}{who}_bytes_after", 0) > results.get(f"{prefix}{who}_bytes_before", 0):
                 failures.append(f"{prefix}{who}_audio_bytes_growing")
             if results.get(f"{prefix}{who}_peer_states") != ["connected"]:

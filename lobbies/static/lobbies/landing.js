@@ -2,7 +2,8 @@
 'use strict';
 
 (() => {
-  const { loadSession, forgetSession, lastName, normalizeName, api, createSession } = window.voicebotSession;
+  const { loadSession, forgetSession, saveLobbyPassword, lastName, normalizeName, api, createSession } =
+    window.voicebotSession;
   // Mirrors the server's LOBBY_NAME_PATTERN (Python's Unicode \w plus '-').
   const LOBBY_NAME = /^[\p{L}\p{N}_-]{1,64}$/u;
   const REFRESH_MS = 4000;
@@ -80,6 +81,9 @@
       return;
     }
     const lobby = { name: lobbyName, private: $('create-private').checked, max_participants: maxParticipants };
+    // Any characters at all, spaces included, so it is sent as typed; an empty field means none.
+    const password = $('create-password').value;
+    if (password) lobby.password = password;
     showMessage('');
     try {
       let result = await postLobby(await ensureSession(name), lobby);
@@ -89,6 +93,8 @@
         result = await postLobby(await ensureSession(name), lobby);
       }
       if (!result.ok) throw new Error(result.data.message || 'Could not create the lobby.');
+      // The room page finds it there, so the creator joins without typing it again.
+      saveLobbyPassword(lobbyName, password);
       goToLobby(lobbyName);
     } catch (error) {
       showMessage(error.message);
@@ -102,11 +108,13 @@
     item.querySelector('.lobby-name').textContent = lobby.name;
     item.querySelector('.lobby-count').textContent = `${lobby.participant_count} / ${lobby.max_participants}`;
     item.querySelector('.badge-private').hidden = !lobby.private;
+    item.querySelector('.badge-password').hidden = !lobby.has_password;
     const button = item.querySelector('.lobby-join');
     button.dataset.lobby = lobby.name;
     button.disabled = full;
     button.textContent = full ? 'Full' : 'Join';
-    button.setAttribute('aria-label', full ? `${lobby.name} is full` : `Join ${lobby.name}`);
+    const label = full ? `${lobby.name} is full` : `Join ${lobby.name}`;
+    button.setAttribute('aria-label', lobby.has_password ? `${label} (needs a password)` : label);
     return item;
   }
 

@@ -3,7 +3,16 @@
 'use strict';
 
 (() => {
-  const { loadSession, forgetSession, lastName, normalizeName, api, createSession } = window.voicebotSession;
+  const {
+    loadSession,
+    forgetSession,
+    loadLobbyPassword,
+    saveLobbyPassword,
+    lastName,
+    normalizeName,
+    api,
+    createSession,
+  } = window.voicebotSession;
   // Keeps proxies and load balancers from closing a quiet socket.
   const PING_MS = 25000;
   // A ping with no frame at all back within this time means a dead connection.
@@ -14,6 +23,11 @@
   // doubles from RECONNECT_BASE_MS with every failed attempt, up to RECONNECT_MAX_MS.
   const RECONNECT_BASE_MS = 500;
   const RECONNECT_MAX_MS = 15000;
+  // The offering side rebuilds a connection that is not up this long after its
+  // offer (the offer or its answer was lost), or that failed; the wait doubles
+  // with every rebuild in a row, up to OFFER_RETRY_MAX_MS.
+  const OFFER_RETRY_MS = 10000;
+  const OFFER_RETRY_MAX_MS = 60000;
   // Our own close that says we are gone for good; any other close is a drop.
   const CLOSE_LEAVING = 1000;
   // Our own close of a socket that stopped answering: we mean to come back.
@@ -25,12 +39,33 @@
   // How long a passing notice (e.g. a message that could not be delivered) stays up.
   const NOTICE_MS = 6000;
   const CLOSE_REASONS = {
-    4400: 'this lobby name is not valid.',
-    4401: 'your session is no longer valid.',
-    4403: 'the lobby is full.',
-    4409: 'you joined this lobby from another tab or window.',
+    4008: 'An administrator removed you from this lobby.',
+    4400: 'This lobby name is not valid.',
+    4401: 'Your session is no longer valid.',
+    4403: 'The lobby is full.',
+    4409: 'You joined this lobby from another tab or window.',
+    4410: 'An administrator closed this lobby.',
   };
   const CLOSE_SESSION_INVALID = 4401;
+  // The error sent before each of these closes; for any other, its own message is shown.
+  const CLOSE_ERRORS = {
+    4008: 'kicked',
+    4400: 'bad_field',
+    4401: 'unauthenticated',
+    4403: 'lobby_full',
+    4409: 'replaced',
+    4410: 'lobby_closed',
+  };
+  // Errors whose own message says more than ours: a kick's says when one may come back.
+  const SERVER_WORDED_ERRORS = new Set(['kicked']);
+  // A 4403 after this error asks for the lobby's password; after any other it is final.
+  const CLOSE_BAD_PASSWORD = 4403;
+
+  // The server's 44xx closes mirror HTTP 4xx answers: trying again would get
+  // the same. 4008 (like 1008, policy) is one too. Every other close is a drop.
+  function isFinalClose(code) {
+    return (code >= 4400 && code <= 4499) || code === 4008;
+  }
 
   const $ = (id) => document.getElementById(id);
   const lobbyName = $('room').dataset.lobbyName;
@@ -42,6 +77,11 @@
     iceServers: [],
     localStream: null,
     muted: false,
+    // The values of our own mute frames whose peer_updated has not come back yet,
+    // oldest first: any other news of our mute is the server's (an administrator's).
+    muteEchoes: [],
+    // The lobby password the current socket was opened with ('' for none).
+    sentPassword: '',
     leaving: false,
     // Why we closed the socket ourselves for good, shown instead of "connection lost".
     closeReason: '',
@@ -53,8 +93,10 @@
     handshakeTimer: null,
     lastFrameAt: 0,
     lastClose: null, // {code, reason} of the last socket close
+    lastError: null, // the last error frame, which explains a close that follows it
     statusLog: [], // recent status changes, for the browser test
     linkSerial: 0,
+    offerRetryMs: new Map(), // peer_id -> wait before the next rebuild, while not connected
     pingTimer: null,
     noticeTimer: null,
     participants: new Map(), // peer_id -> {peer_id, name, bot, muted, state}, oneself included
@@ -95,6 +137,17 @@
     },
     get statusLog() {
       return state.statusLog.map((entry) => ({ ...entry }));
+    },
+    get muted() {
+      return state.muted;
+    },
+    get muteEchoesPending() {
+      return state.muteEchoes.length;
+    },
+    // Whether the microphone track sends sound (null without a microphone).
+    get micEnabled() {
+      const track = state.localStream && state.localStream.getAudioTracks()[0];
+      return track ? track.enabled : null;
     },
   };
 
@@ -141,6 +194,45 @@
     });
   }
 
+  // Resolves with the password typed; `note` says why it is asked again, if it is.
+  function askForPassword(note) {
+    const step = $('password-step');
+    const form = $('password-form');
+    const input = $('password-input');
+    const message = $('password-message');
+    $('room-ui').hidden = true;
+    $('rejoin-button').hidden = true;
+    step.hidden = false;
+    setStatus('connecting', 'Password needed');
+    message.textContent = note;
+    message.hidden = !note;
+    input.value = '';
+    input.focus();
+    return new Promise((resolve) => {
+      function onSubmit(event) {
+        event.preventDefault();
+        const password = input.value;
+        if (!password) return;
+        form.removeEventListener('submit', onSubmit);
+        step.hidden = true;
+        resolve(password);
+      }
+      form.addEventListener('submit', onSubmit);
+    });
+  }
+
+  // The server refused our password (or its absence): forget it, ask, and join with the new one.
+  async function onBadPassword() {
+    const wrong = state.sentPassword !== '';
+    saveLobbyPassword(lobbyName, '');
+    leaveRoomState();
+    const password = await askForPassword(wrong ? 'That password is wrong. Try again.' : '');
+    if (state.leaving) return;
+    saveLobbyPassword(lobbyName, password);
+    $('room-ui').hidden = false;
+    join();
+  }
+
   // --- Page state -----------------------------------------------------------
 
   function setStatus(connection, text) {
@@ -155,7 +247,9 @@
   }
 
   function showDisconnected(reason) {
-    setStatus('disconnected', `Disconnected: ${reason}`);
+    // A passing note about the room we were in would only confuse the reason.
+    hideNotice();
+    setStatus('disconnected', `Disconnected. ${reason}`);
     $('rejoin-button').hidden = false;
   }
 
@@ -165,10 +259,14 @@
     notice.textContent = text;
     notice.hidden = false;
     clearTimeout(state.noticeTimer);
-    state.noticeTimer = setTimeout(() => {
-      notice.hidden = true;
-      notice.textContent = '';
-    }, NOTICE_MS);
+    state.noticeTimer = setTimeout(hideNotice, NOTICE_MS);
+  }
+
+  function hideNotice() {
+    clearTimeout(state.noticeTimer);
+    const notice = $('room-notice');
+    notice.hidden = true;
+    notice.textContent = '';
   }
 
   function setChatEnabled(enabled) {
@@ -294,9 +392,14 @@
 
   function openSocket() {
     const scheme = location.protocol === 'https:' ? 'wss://' : 'ws://';
-    const socket = new WebSocket(`${scheme}${location.host}/ws/lobby/${encodeURIComponent(lobbyName)}/`);
+    // Sent on every attempt, also on a resume, which does not need it (the server ignores it then).
+    const password = loadLobbyPassword(lobbyName);
+    const query = password ? `?password=${encodeURIComponent(password)}` : '';
+    const socket = new WebSocket(`${scheme}${location.host}/ws/lobby/${encodeURIComponent(lobbyName)}/${query}`);
     state.socket = socket;
+    state.sentPassword = password;
     state.closeReason = '';
+    state.lastError = null;
     state.handshakeTimer = setTimeout(() => dropSocket(socket), HANDSHAKE_TIMEOUT_MS);
     // A socket we gave up on may still fire; only the current one counts.
     socket.addEventListener('message', (event) => {
@@ -349,7 +452,7 @@
     if (frame.peer_id !== state.session.id) {
       // Another tab resumed its own session between our resume and this
       // handshake, so the cookie named someone else: do not speak as them.
-      state.closeReason = 'another tab signed in at the same moment; rejoin to try again.';
+      state.closeReason = 'Another tab signed in at the same moment; rejoin to try again.';
       state.socket.close(CLOSE_LEAVING);
       return;
     }
@@ -363,7 +466,11 @@
       if (!present.has(peerId)) removePeer(peerId);
     }
     for (const peerId of [...state.links.keys()]) closeLink(peerId);
+    const resumedHere = state.welcomes > 1;
+    // Echoes of frames sent on an earlier socket never come on this one.
+    state.muteEchoes = [];
     showParticipant({ peer_id: frame.peer_id, name: frame.name, bot: false, muted: state.muted, state: 'connected' });
+    agreeOnMute(frame.muted, resumedHere);
     if (state.localStream) startMeter(state.selfId, state.localStream);
     for (const peer of frame.peers) {
       showParticipant(peer);
@@ -371,8 +478,6 @@
     }
     setStatus('connected', 'Connected');
     setChatEnabled(true);
-    // A new connection may start unmuted, a resumed one keeps what it had: say it either way.
-    send({ type: 'mute', muted: state.muted });
     clearInterval(state.pingTimer);
     const socket = state.socket;
     state.pingTimer = setInterval(() => sendPing(socket), PING_MS);
@@ -381,6 +486,7 @@
   // Errors that end the connection are explained by the close code. The others
   // concern one message only, so nothing is torn down.
   function onServerError(frame) {
+    state.lastError = frame;
     console.warn(`voicebot: server error ${frame.code}: ${frame.message}`);
     if (frame.code === 'delivery_failed') {
       // The addressed peer's inbox is full for the moment. The error does not say
@@ -395,16 +501,52 @@
     return state.selfId < peer.peer_id && peerState(peer) === 'connected';
   }
 
+  // A peer_joined for a peer we already have a connection to changes nothing
+  // (a peer that really came back is announced by peer_left first).
   function onPeerJoined(peer) {
     showParticipant(peer);
-    if (shouldOffer(peer)) offerTo(peer.peer_id);
+    if (shouldOffer(peer) && !state.links.has(peer.peer_id)) offerTo(peer.peer_id);
+  }
+
+  // The welcome says whether our place in the lobby is muted (a server that
+  // predates this says nothing). A muted place mutes us here too, without a
+  // word back: we muted it before a reload, or an administrator did while we
+  // were away. A place that is not muted while we are is told so.
+  function agreeOnMute(placeMuted, resumedHere) {
+    if (typeof placeMuted !== 'boolean') {
+      tellMuted(state.muted);
+    } else if (placeMuted && !state.muted) {
+      applyMuted(true);
+      showNotice(resumedHere ? 'An administrator muted you.' : 'You are still muted.');
+    } else if (!placeMuted && state.muted) {
+      tellMuted(true);
+    }
+  }
+
+  // News of our own mute: the echo of one of our mute frames, or the server's
+  // own word (an administrator muted us).
+  function onSelfUpdated(peer) {
+    const echo = state.muteEchoes.indexOf(peer.muted);
+    if (echo !== -1) {
+      // Ours. A frame that changed nothing on the server has no echo, so any
+      // older ones still waiting go too. The page already shows our latest
+      // choice, so a quick mute-unmute does not flicker.
+      state.muteEchoes.splice(0, echo + 1);
+    } else if (peer.muted && !state.muted) {
+      // An administrator muted us. The server has it already: no mute frame back.
+      applyMuted(true);
+      showNotice('An administrator muted you.');
+    } else if (!peer.muted && state.muted) {
+      // The server lost our mute somehow; our microphone is off, so say so again.
+      tellMuted(true);
+    }
+    // A frame reaching us means we are connected.
+    showParticipant({ ...peer, muted: state.muted, state: 'connected' });
   }
 
   function onPeerUpdated(peer) {
     if (peer.peer_id === state.selfId) {
-      // Our own echo can trail a quick mute-unmute; the local state is the truth,
-      // and a frame reaching us means we are connected.
-      showParticipant({ ...peer, muted: state.muted, state: 'connected' });
+      onSelfUpdated(peer);
       return;
     }
     const previous = state.participants.get(peer.peer_id);
@@ -419,6 +561,7 @@
 
   function removePeer(peerId) {
     closeLink(peerId);
+    state.offerRetryMs.delete(peerId);
     state.participants.delete(peerId);
     const item = findParticipantItem(peerId);
     if (item) item.remove();
@@ -434,10 +577,14 @@
       startOver();
       return;
     }
-    if (state.closeReason || CLOSE_REASONS[code]) {
+    if (code === CLOSE_BAD_PASSWORD && state.lastError && state.lastError.code === 'bad_password' && !state.closeReason) {
+      onBadPassword();
+      return;
+    }
+    if (state.closeReason || isFinalClose(code)) {
       // Coming back would not help (or another tab has taken over): stop here.
       leaveRoomState();
-      showDisconnected(state.closeReason || CLOSE_REASONS[code]);
+      showDisconnected(state.closeReason || finalCloseReason(code));
       return;
     }
     // A drop: keep the room on screen, greyed, and the peer connections, which
@@ -446,6 +593,14 @@
     const self = state.participants.get(state.selfId);
     if (self) showParticipant({ ...self, state: 'reconnecting' });
     scheduleReconnect();
+  }
+
+  function finalCloseReason(code) {
+    const error = state.lastError;
+    const expected = Boolean(error) && error.code === CLOSE_ERRORS[code];
+    if (expected && SERVER_WORDED_ERRORS.has(error.code) && error.message) return error.message;
+    if (CLOSE_REASONS[code] && (!error || expected)) return CLOSE_REASONS[code];
+    return error ? error.message : `The server closed the connection (${code}).`;
   }
 
   function leaveRoomState() {
@@ -487,6 +642,40 @@
     closeLink(peerId);
     const link = linkFor(peerId);
     runInOrder(link, () => sendOffer(link));
+    watchOffer(link);
+  }
+
+  // Only the offering side watches, so a rebuild can never cross one from the other side.
+  function watchOffer(link) {
+    const wait = state.offerRetryMs.get(link.peerId) || OFFER_RETRY_MS;
+    link.watchdog = setTimeout(() => {
+      if (link.closed || link.pc.connectionState === 'connected') return;
+      retryOffer(link, wait);
+    }, wait);
+  }
+
+  function retryOffer(link, wait) {
+    clearTimeout(link.watchdog);
+    const peer = state.participants.get(link.peerId);
+    const socketOpen = state.socket && state.socket.readyState === WebSocket.OPEN;
+    // While we or the peer reconnect, the coming welcome or peer_updated rebuilds it.
+    if (link.closed || !peer || !shouldOffer(peer) || !socketOpen || state.connection !== 'connected') return;
+    state.offerRetryMs.set(link.peerId, Math.min(wait * 2, OFFER_RETRY_MAX_MS));
+    console.warn(`voicebot: no connection to ${link.peerId} (${link.pc.connectionState}); offering again`);
+    offerTo(link.peerId);
+  }
+
+  function onLinkState(link) {
+    const { pc, peerId } = link;
+    showPeerState(peerId, pc.connectionState);
+    if (pc.connectionState === 'connected') {
+      state.offerRetryMs.delete(peerId);
+    } else if (pc.connectionState === 'failed' && link.watchdog) {
+      // A failed connection does not come back by itself.
+      const wait = state.offerRetryMs.get(peerId) || OFFER_RETRY_MS;
+      clearTimeout(link.watchdog);
+      link.watchdog = setTimeout(() => retryOffer(link, wait), Math.min(wait, 2000));
+    }
   }
 
   // One peer's signaling steps run one after another, in arrival order, so a
@@ -508,6 +697,7 @@
       queue: Promise.resolve(),
       audio: null,
       closed: false,
+      watchdog: null, // set on the offering side
     };
     state.links.set(peerId, link);
     pc.addEventListener('icecandidate', (event) => {
@@ -515,7 +705,7 @@
       send({ type: 'ice', to: peerId, candidate: event.candidate ? event.candidate.toJSON() : null });
     });
     pc.addEventListener('connectionstatechange', () => {
-      if (!link.closed) showPeerState(peerId, pc.connectionState);
+      if (!link.closed) onLinkState(link);
     });
     pc.addEventListener('track', (event) => {
       if (!link.closed) playRemote(link, event.streams[0] || new MediaStream([event.track]));
@@ -528,6 +718,7 @@
     const link = state.links.get(peerId);
     if (!link) return;
     link.closed = true;
+    clearTimeout(link.watchdog);
     link.pc.close();
     if (link.audio) link.audio.remove();
     stopMeter(peerId);
@@ -678,7 +869,8 @@
     }
   }
 
-  function setMuted(muted) {
+  // The microphone, the button and our own entry follow `muted`; the server is not told.
+  function applyMuted(muted) {
     state.muted = muted;
     for (const track of state.localStream ? state.localStream.getAudioTracks() : []) {
       track.enabled = !muted;
@@ -686,9 +878,21 @@
     const button = $('mute-button');
     button.textContent = muted ? 'Unmute' : 'Mute';
     button.setAttribute('aria-pressed', String(muted));
-    send({ type: 'mute', muted });
     const self = state.participants.get(state.selfId);
     if (self) showParticipant({ ...self, muted });
+  }
+
+  // Tells the lobby, and waits for the echo. Without an open socket the next
+  // welcome settles it.
+  function tellMuted(muted) {
+    if (!state.socket || state.socket.readyState !== WebSocket.OPEN) return;
+    state.muteEchoes.push(muted);
+    send({ type: 'mute', muted });
+  }
+
+  function toggleMute() {
+    applyMuted(!state.muted);
+    tellMuted(state.muted);
   }
 
   // --- Chat -----------------------------------------------------------------
@@ -746,7 +950,7 @@
   }
 
   function bindControls() {
-    $('mute-button').addEventListener('click', () => setMuted(!state.muted));
+    $('mute-button').addEventListener('click', toggleMute);
     $('leave-button').addEventListener('click', leave);
     $('rejoin-button').addEventListener('click', join);
     $('copy-link').addEventListener('click', copyShareLink);

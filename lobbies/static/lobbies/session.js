@@ -7,6 +7,8 @@
   // kept per browser only to prefill the name field.
   const SESSION_KEY = 'voicebot.session';
   const NAME_KEY = 'voicebot.name';
+  // A lobby's password is kept per tab too, so a reconnect or a reload reuses it.
+  const PASSWORD_KEY = 'voicebot.password.';
 
   function loadSession() {
     try {
@@ -19,6 +21,19 @@
 
   function forgetSession() {
     sessionStorage.removeItem(SESSION_KEY);
+  }
+
+  function loadLobbyPassword(lobbyName) {
+    return sessionStorage.getItem(PASSWORD_KEY + lobbyName) || '';
+  }
+
+  // An empty password forgets the one stored.
+  function saveLobbyPassword(lobbyName, password) {
+    if (password) {
+      sessionStorage.setItem(PASSWORD_KEY + lobbyName, password);
+    } else {
+      sessionStorage.removeItem(PASSWORD_KEY + lobbyName);
+    }
   }
 
   function lastName() {
@@ -57,5 +72,14 @@
     return session;
   }
 
-  window.voicebotSession = Object.freeze({ loadSession, forgetSession, lastName, normalizeName, api, createSession });
+  window.voicebotSession = Object.freeze({
+    loadSession,
+    forgetSession,
+    loadLobbyPassword,
+    saveLobbyPassword,
+    lastName,
+    normalizeName,
+    api,
+    createSession,
+  });
 })();
