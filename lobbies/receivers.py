@@ -1,5 +1,5 @@
-"""Keeps the in-process caches honest when sessions change by any route
-(services, the admin, the shell)."""
+"""Keeps the in-process caches honest when sessions and bans change by any
+route (services, the admin, the shell)."""
 
 from typing import Any
 
@@ -7,8 +7,8 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from lobbies.cache import invalidate_everywhere
-from lobbies.models import Session
-from lobbies.selectors import session_cache_key
+from lobbies.models import LobbyBan, Session
+from lobbies.selectors import bans_cache_key, session_cache_key
 
 
 @receiver(post_save, sender=Session)
@@ -17,3 +17,10 @@ def forget_cached_session(sender: type[Session], instance: Session, created: boo
     # A new session cannot be cached anywhere yet.
     if not created:
         invalidate_everywhere(session_cache_key(instance.token_hash))
+
+
+@receiver(post_save, sender=LobbyBan)
+@receiver(post_delete, sender=LobbyBan)
+def forget_cached_bans(sender: type[LobbyBan], instance: LobbyBan, **kwargs: Any) -> None:
+    invalidate_everywhere(bans_cache_key(instance.lobby_id))
+

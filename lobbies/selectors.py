@@ -1,12 +1,14 @@
 """Reads of sessions and lobbies, shaped the way the API and protocol send them."""
 
 import hashlib
+from datetime import datetime
 from typing import TypedDict
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
 from lobbies import cache
 from lobbies.models import Lobby, Membership, Session
@@ -146,3 +148,25 @@ def lobby_password_opens(lobby: Lobby | None, password: str) -> bool:
         make_password(password)
         return False
     return lobby.password_matches(password)
+
+
+def bans_cache_key(lobby_id: int) -> str:
+    return f"bans:{lobby_id}"
+
+
+def lobby_ban_until(lobby: Lobby, session: Session) -> datetime | None:
+    """When `session` may rejoin `lobby` after a kick, or None if it may now.
+
+    Every newcomer's join asks, and bans are rare: the lobby's live bans are
+    kept in the in-process cache, and a new or lifted ban is broadcast.
+    """
+    key = bans_cache_key(lobby.pk)
+    bans = cache.local.get(key)
+    now = timezone.now()
+    if bans is cache.MISSING:
+        bans = {}
+        for session_id, until in lobby.bans.filter(until__gt=now).values_list("session_id", "until"):
+            bans[session_id] = max(until, bans.get(session_id, until))
+        cache.local.set(key, bans)
+    until = bans.get(session.pk)
+    return until if until is not None and until > now else None

@@ -167,9 +167,9 @@ def _check_admission(lobby: Lobby, session: Session, opened_hash: str) -> None:
         raise BadPassword(lobby.name)
     if lobby.closed_at is not None:
         raise LobbyClosed(lobby.name)
-    ban = lobby.bans.filter(session=session, until__gt=timezone.now()).order_by("-until").first()
-    if ban is not None:
-        raise SessionKicked(math.ceil((ban.until - timezone.now()).total_seconds()))
+    until = selectors.lobby_ban_until(lobby, session)
+    if until is not None:
+        raise SessionKicked(math.ceil((until - timezone.now()).total_seconds()))
 
 
 def _resume(membership: Membership, lobby_name: str, channel_name: str) -> None:

@@ -3,7 +3,8 @@
 Runs the code the lobby consumer and the lobby detail endpoint run, in this
 process, against the configured database and cache (use Postgres and Redis:
 DATABASE_URL and REDIS_URL), and prints a table. Each round creates fresh
-sessions and lobbies and removes them afterwards.
+sessions and lobbies (not measured), has every session join a lobby and looks
+every lobby up, then removes what it made.
 """
 
 import asyncio
@@ -63,8 +64,8 @@ class Command(BaseCommand):
         # As in a server process: lobby events go out from the loop, not from the database thread.
         publisher.attach()
         tag = uuid.uuid4().hex[:8]
-        people = await database_sync_to_async(self.make_people)(options["sessions"], tag)
         lobby_names = [f"bench-{tag}-{i}" for i in range(options["lobbies"])]
+        people = await database_sync_to_async(self.make_people_and_lobbies)(options["sessions"], tag, lobby_names)
         gate = asyncio.Semaphore(options["concurrency"])
 
         async def join(index: int, token: str) -> float:
@@ -93,8 +94,12 @@ class Command(BaseCommand):
         await database_sync_to_async(self.clean_up)(tag)
         return {"joins": joins, "join_seconds": join_seconds, "lookups": lookups, "lookup_seconds": lookup_seconds}
 
-    def make_people(self, count: int, tag: str) -> list[str]:
-        return [services.session_create(name=f"bench {tag} {i}")[1] for i in range(count)]
+    def make_people_and_lobbies(self, count: int, tag: str, lobby_names: list[str]) -> list[str]:
+        """Sessions and lobbies exist before the joins, as after POST /api/sessions/ and /api/lobbies/."""
+        sessions = [services.session_create(name=f"bench {tag} {i}") for i in range(count)]
+        for name in lobby_names:
+            services.lobby_create(name=name, private=False, max_participants=50, created_by=sessions[0][0])
+        return [token for _, token in sessions]
 
     def clean_up(self, tag: str) -> None:
         for lobby in Lobby.objects.filter(name__startswith=f"bench-{tag}-"):
