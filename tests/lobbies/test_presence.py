@@ -51,9 +51,10 @@ async def test_a_thousand_heartbeats_from_a_hundred_sessions_take_a_handful_of_q
         for client in clients:
             await client.send_json_to({"type": "ping"})
     for client in clients:
-        for _ in range(10):
-            while (await client.receive())["type"] != "pong":
-                pass  # peer_joined of later arrivals
+        pongs = 0
+        while pongs < 10:
+            # The peer_joined of later arrivals come in between.
+            pongs += (await client.receive())["type"] == "pong"
     await presence.beat()
 
     assert len(executed) <= 4, executed
