@@ -17,12 +17,14 @@ on the next call and so recovers by itself.
 
 import asyncio
 import logging
+import pickle
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from cachetools import TTLCache
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -39,15 +41,37 @@ stats: Counter[tuple[str, str]] = Counter()
 
 class SharedCache:
     name = "shared"
+    prefix = "voicebot:"
 
     def __init__(self) -> None:
         self.last_warning = 0.0
+        self.redis: redis.Redis | None = None
+        self.redis_location = ""
+
+    def client(self) -> redis.Redis | None:
+        """A long-lived redis-py client when the shared cache is Redis.
+
+        Django's cache API builds a client for every call, which costs more
+        than the round trip; joins read and write the cache on every call.
+        """
+        config = settings.CACHES["default"]
+        if not config["BACKEND"].endswith(".RedisCache"):
+            return None
+        if self.redis is None or self.redis_location != config["LOCATION"]:
+            self.redis = redis.Redis.from_url(config["LOCATION"], **config.get("OPTIONS", {}))
+            self.redis_location = config["LOCATION"]
+        return self.redis
 
     def get(self, key: str) -> Any:
         if not settings.VOICEBOT_CACHE:
             return MISSING
         try:
-            value = caches["default"].get(key, MISSING)
+            client = self.client()
+            if client is None:
+                value = caches["default"].get(key, MISSING)
+            else:
+                raw = client.get(self.prefix + key)
+                value = MISSING if raw is None else pickle.loads(raw)
         except Exception as error:
             self.failed("read", error)
             return MISSING
@@ -55,18 +79,28 @@ class SharedCache:
         return value
 
     def set(self, key: str, value: Any, timeout: float) -> None:
-        if settings.VOICEBOT_CACHE:
-            self.call("write", lambda: caches["default"].set(key, value, timeout))
+        if not settings.VOICEBOT_CACHE:
+            return
+        try:
+            client = self.client()
+            if client is None:
+                caches["default"].set(key, value, timeout)
+            else:
+                client.set(self.prefix + key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), ex=int(timeout))
+        except Exception as error:
+            self.failed("write", error)
 
     def delete(self, key: str) -> None:
-        if settings.VOICEBOT_CACHE:
-            self.call("delete", lambda: caches["default"].delete(key))
-
-    def call(self, what: str, operation: Callable[[], Any]) -> None:
+        if not settings.VOICEBOT_CACHE:
+            return
         try:
-            operation()
+            client = self.client()
+            if client is None:
+                caches["default"].delete(key)
+            else:
+                client.delete(self.prefix + key)
         except Exception as error:
-            self.failed(what, error)
+            self.failed("delete", error)
 
     def failed(self, what: str, error: Exception) -> None:
         stats[(self.name, "error")] += 1

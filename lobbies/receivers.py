@@ -6,7 +6,7 @@ from typing import Any
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from lobbies.cache import invalidate_everywhere
+from lobbies.cache import invalidate_everywhere, shared
 from lobbies.models import LobbyBan, Session
 from lobbies.selectors import bans_cache_key, session_cache_key
 
@@ -14,9 +14,11 @@ from lobbies.selectors import bans_cache_key, session_cache_key
 @receiver(post_save, sender=Session)
 @receiver(post_delete, sender=Session)
 def forget_cached_session(sender: type[Session], instance: Session, created: bool = False, **kwargs: Any) -> None:
-    # A new session cannot be cached anywhere yet.
+    # A new session is cached by session_create itself.
     if not created:
-        invalidate_everywhere(session_cache_key(instance.token_hash))
+        key = session_cache_key(instance.token_hash)
+        shared.delete(key)
+        invalidate_everywhere(key)
 
 
 @receiver(post_save, sender=LobbyBan)

@@ -33,16 +33,26 @@ def session_cache_key(digest: str) -> str:
 
 def session_for_token(token: str) -> Session | None:
     """The session a resume token belongs to. Identities rarely change, so they
-    are kept in the in-process cache; unknown tokens are not."""
+    are cached, in this process and in the shared cache; unknown tokens are not."""
     if not token:
         return None
-    digest = token_hash(token)
-    session = cache.local.get(session_cache_key(digest))
+    key = session_cache_key(token_hash(token))
+    session = cache.local.get(key)
     if session is cache.MISSING:
-        session = Session.objects.filter(token_hash=digest).first()
-        if session is not None:
-            cache.local.set(session_cache_key(digest), session)
+        session = cache.shared.get(key)
+        if session is cache.MISSING:
+            session = Session.objects.filter(token_hash=token_hash(token)).first()
+            if session is None:
+                return None
+            cache_session(session)
+        cache.local.set(key, session)
     return session
+
+
+def cache_session(session: Session) -> None:
+    key = session_cache_key(session.token_hash)
+    cache.shared.set(key, session, settings.LOCAL_CACHE_TTL_SECONDS)
+    cache.local.set(key, session)
 
 
 async def asession_for_token(token: str) -> Session | None:
@@ -170,3 +180,8 @@ def lobby_ban_until(lobby: Lobby, session: Session) -> datetime | None:
         cache.local.set(key, bans)
     until = bans.get(session.pk)
     return until if until is not None and until > now else None
+
+
+def cache_no_bans(lobby: Lobby) -> None:
+    """A lobby just created has no bans: its first joins need not ask."""
+    cache.local.set(bans_cache_key(lobby.pk), {})

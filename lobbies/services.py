@@ -83,6 +83,8 @@ def session_create(*, name: str, is_bot: bool = False) -> tuple[Session, str]:
     """Create a session and return it with its resume token, which is not stored."""
     token = secrets.token_urlsafe(32)
     session = Session.objects.create(name=name, is_bot=is_bot, token_hash=token_hash(token))
+    # Its first join usually follows at once.
+    selectors.cache_session(session)
     return session, token
 
 
@@ -94,6 +96,9 @@ def lobby_create(
     try:
         with transaction.atomic():
             lobby.save(force_insert=True)
+            # Known to be empty and free of bans: the first joins need not ask the database.
+            selectors.cache_roster(lobby, [])
+            selectors.cache_no_bans(lobby)
             return lobby
     except IntegrityError:
         raise LobbyNameTaken(name)
@@ -128,14 +133,19 @@ def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password
 def _join(*, lobby_name: str, session: Session, channel_name: str, password: str, opened_hash: str = "") -> JoinResult:
     # The row lock serialises changes to one lobby's roster: two joins cannot
     # both take its last place, and the cached roster follows commit order.
+    created = False
     if password:
         # A password must not create a lobby: that would tell which names exist.
         lobby = Lobby.objects.select_for_update().filter(name=lobby_name).first()
         if lobby is None:
             raise BadPassword(lobby_name)
     else:
-        lobby, _ = Lobby.objects.select_for_update().get_or_create(name=lobby_name, defaults={"created_by": session})
-    roster = selectors.lobby_roster(lobby)
+        lobby, created = Lobby.objects.select_for_update().get_or_create(
+            name=lobby_name, defaults={"created_by": session}
+        )
+    if created:
+        selectors.cache_no_bans(lobby)
+    roster = [] if created else selectors.lobby_roster(lobby)
     mine = next((entry for entry in roster if entry["peer"]["peer_id"] == str(session.pk)), None)
     others = [entry for entry in roster if entry is not mine]
 
