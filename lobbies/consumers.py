@@ -187,7 +187,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             channel = self.peer_channels.get(message.to)
             if channel is None:
                 raise ProtocolError("unknown_peer", "That peer is not in this lobby.")
-            await self.relay(self.channel_layer.send(channel, {"type": "lobby.deliver", "frame": {**data, "from": self.peer_id}}))
+            frame = {**data, "from": self.peer_id}
+            await self.relay(self.channel_layer.send(channel, {"type": "lobby.deliver", "frame": frame}))
         elif isinstance(message, Chat):
             frame = {
                 "type": "chat",
@@ -271,8 +272,6 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         it): say why and close, without leaving the lobby a second time."""
         if self.peer_id is None:
             return
-        await self.send_frame(error_frame(code, message))
-        await self.channel_layer.group_discard(self.group, self.channel_name)
         presence.discard(self.channel_name)
         self.peer_id = None
-        await self.close(code=close_code)
+        await self.refuse(code, message, close_code)

@@ -328,7 +328,7 @@ def _live_membership(lobby_name: str, session_id: str, channel_name: str) -> Mem
     """The membership held by one connection, locked for the rest of the transaction."""
     return (
         Membership.objects.select_related("session")
-        .select_for_update()
+        .select_for_update(of=("self",))
         .filter(
             lobby__name=lobby_name,
             session_id=session_id,
