@@ -21,7 +21,6 @@ import pickle
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import redis

