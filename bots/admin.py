@@ -1,5 +1,6 @@
 from django import forms
 from django.contrib import admin, messages
+from django.db import models
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -21,6 +22,8 @@ class ProviderAdmin(admin.ModelAdmin):
     """Where a provider's API key is read from; the key itself is never stored or shown."""
 
     list_display = ["name", "kind", "base_url", "key_source", "timeout_seconds", "max_retries"]
+    # A base URL typed without a scheme is taken as https://.
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_filter = ["kind"]
     search_fields = ["name", "base_url"]
 

@@ -151,3 +151,38 @@ async def test_two_workers_never_run_one_bot_twice_and_a_dead_workers_bots_come_
     holders = await sync_to_async(lambda: set(Assignment.objects.values_list("worker__pid", flat=True)))()
     assert holders == {spare.process.pid}
     await alice.close()
+
+
+async def test_a_failing_provider_costs_only_its_own_bot_an_apology(
+    start_production_server: Callable[..., LiveServer], start_bot_worker: Callable[..., WorkerProcess]
+) -> None:
+    server = start_production_server()
+    await sync_to_async(start_bot_worker)(server)
+
+    def make_pair() -> tuple[Bot, Bot]:
+        # Nothing listens on port 9 of loopback: every call fails at once.
+        dead = Provider.objects.create(name="dead", kind=Provider.Kind.OPENAI, base_url="http://127.0.0.1:9/v1", timeout_seconds=0.5, max_retries=0)
+        offline = Provider.objects.create(name="offline", kind=Provider.Kind.OFFLINE)
+        return Bot.objects.create(name="Broken", provider=dead), Bot.objects.create(name="Fine", provider=offline)
+
+    broken, fine = await sync_to_async(make_pair)()
+    alice, bob = LiveClient(server, "Alice"), LiveClient(server, "Bob")
+    await alice.join("first")
+    await bob.join("second")
+    await sync_to_async(services.bot_add_to_lobby)(bot=broken, lobby=await Lobby.objects.aget(name="first"))
+    await sync_to_async(services.bot_add_to_lobby)(bot=fine, lobby=await Lobby.objects.aget(name="second"))
+    await wait_for(alice, bot_joined("Broken"), timeout=5)
+    await wait_for(bob, bot_joined("Fine"), timeout=5)
+
+    await alice.send({"type": "chat", "text": "Broken, what is the capital of France?"})
+    await bob.send({"type": "chat", "text": "Fine, what is the capital of France?"})
+
+    apology = await wait_for(alice, lambda frame: frame["type"] == "chat" and frame["name"] == "Broken", timeout=10)
+    answer = await wait_for(bob, lambda frame: frame["type"] == "chat" and frame["name"] == "Fine", timeout=10)
+    assert apology["text"] == "Sorry, I can't answer right now."
+    assert "Paris" in answer["text"]
+    assignment = await Assignment.objects.aget(bot=broken)
+    assert assignment.status == Assignment.Status.ERROR and "dead" in assignment.last_error
+    assert (await Assignment.objects.aget(bot=fine)).status != Assignment.Status.ERROR
+    await alice.close()
+    await bob.close()
