@@ -60,10 +60,6 @@ def mentions(text: str, name: str) -> bool:
 class RunnerEnded(Exception):
     """The bot must not come back to this lobby on its own (kicked, or replaced by another worker)."""
 
-    def __init__(self, reason: str, kicked: bool = False) -> None:
-        super().__init__(reason)
-        self.kicked = kicked
-
 
 @dataclass
 class Link:
@@ -147,8 +143,6 @@ class BotRunner:
                     attempt = 0
             except websockets.ConnectionClosed as closed:
                 await self.closed(closed.rcvd.code if closed.rcvd else None, closed.rcvd.reason if closed.rcvd else "")
-            except RunnerEnded:
-                raise
             except (OSError, TimeoutError, websockets.InvalidHandshake) as error:
                 await self.on_status("error", f"Cannot reach the server: {error}")
             finally:
@@ -160,7 +154,7 @@ class BotRunner:
     async def closed(self, code: int | None, reason: str) -> None:
         if code == CLOSE_KICKED:
             await self.on_kicked()
-            raise RunnerEnded("kicked", kicked=True)
+            raise RunnerEnded("kicked out by an administrator")
         if code == CLOSE_REPLACED:
             raise RunnerEnded("another connection took the bot's place")
         await self.on_status("error", f"Disconnected from the lobby (close code {code}) {reason}".strip())

@@ -12,7 +12,7 @@ from django.test import Client
 
 from bots import services
 from bots.models import Assignment, Bot, Provider
-from lobbies.models import Lobby
+from lobbies.models import Lobby, Membership
 from tests.bots.conftest import WorkerProcess
 from tests.conftest import LiveClient, LiveServer
 
@@ -186,3 +186,34 @@ async def test_a_failing_provider_costs_only_its_own_bot_an_apology(
     assert (await Assignment.objects.aget(bot=fine)).status != Assignment.Status.ERROR
     await alice.close()
     await bob.close()
+
+
+async def test_a_kicked_bot_is_removed_from_the_lobby(
+    start_production_server: Callable[..., LiveServer], start_bot_worker: Callable[..., WorkerProcess], staff_client: Client
+) -> None:
+    server = start_production_server()
+    await sync_to_async(start_bot_worker)(server)
+    [bot] = await sync_to_async(make_bots)(1)
+    alice = LiveClient(server, "Alice")
+    await alice.join("kitchen")
+    await sync_to_async(services.bot_add_to_lobby)(bot=bot, lobby=await Lobby.objects.aget(name="kitchen"))
+    joined = await wait_for(alice, bot_joined("Bot0"), timeout=5)
+    membership = await Membership.objects.aget(session_id=joined["peer"]["peer_id"], left_at__isnull=True)
+
+    response = await sync_to_async(staff_client.post)(
+        "/admin/lobbies/membership/", {"action": "kick", "_selected_action": [membership.pk]}
+    )
+
+    assert response.status_code == 302
+    await wait_for(alice, lambda frame: frame == {"type": "peer_left", "peer_id": joined["peer"]["peer_id"]}, timeout=3)
+    assignment = await Assignment.objects.aget(bot=bot)
+    for _ in range(50):
+        if assignment.removed_at is not None:
+            break
+        await asyncio.sleep(0.1)
+        await assignment.arefresh_from_db()
+    assert assignment.removed_at is not None
+    # It stays out: nobody claims a removed assignment.
+    with pytest.raises(TimeoutError):
+        await wait_for(alice, bot_joined("Bot0"), timeout=3)
+    await alice.close()
