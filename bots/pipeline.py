@@ -78,7 +78,7 @@ class TurnRecord:
     model_first_token_ms: float | None = None  # request → first text delta
     synthesis_first_audio_ms: float | None = None  # first text delta → first piece synthesized
     first_audio_ms: float | None = None  # end of user speech → first bot audio frame sent
-    barge_in_ms: float | None = None  # person starts talking → bot audio stopped
+    barge_in_ms: float | None = None  # person starts talking (as the VAD places it) → bot audio stopped
 
 
 def words(text: str) -> list[str]:

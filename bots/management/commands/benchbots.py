@@ -166,8 +166,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--turns", type=int, default=20, help="questions for the single bot")
-        parser.add_argument("--max-bots", type=int, default=8, help="most bots to run in parallel")
-        parser.add_argument("--parallel-turns", type=int, default=8, help="questions per bot with bots in parallel")
+        parser.add_argument("--max-bots", type=int, default=24, help="most bots to run in parallel")
+        parser.add_argument("--parallel-turns", type=int, default=6, help="questions per bot with bots in parallel")
         parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
         parser.add_argument("--provider-url", help="an OpenAI-compatible endpoint for the replies instead of the offline responder")
         parser.add_argument("--model", default="", help="model name for --provider-url")
