@@ -181,7 +181,13 @@ async def test_a_failing_provider_costs_only_its_own_bot_an_apology(
     answer = await wait_for(bob, lambda frame: frame["type"] == "chat" and frame["name"] == "Fine", timeout=10)
     assert apology["text"] == "Sorry, I can't answer right now."
     assert "Paris" in answer["text"]
+    # The status is recorded just after the apology is written.
     assignment = await Assignment.objects.aget(bot=broken)
+    for _ in range(30):
+        if assignment.status == Assignment.Status.ERROR:
+            break
+        await asyncio.sleep(0.1)
+        await assignment.arefresh_from_db()
     assert assignment.status == Assignment.Status.ERROR and "dead" in assignment.last_error
     assert (await Assignment.objects.aget(bot=fine)).status != Assignment.Status.ERROR
     await alice.close()
