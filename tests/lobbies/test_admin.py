@@ -261,6 +261,9 @@ def test_an_admin_sets_and_clears_a_lobby_password_without_ever_seeing_it(admin_
         "max_participants": "12",
         "memberships-TOTAL_FORMS": "0",
         "memberships-INITIAL_FORMS": "0",
+        # The bots shown on the lobby's page (bots.admin) are a formset too.
+        "bot_assignments-TOTAL_FORMS": "0",
+        "bot_assignments-INITIAL_FORMS": "0",
     }
 
     assert client.post(url, {**form, "new_password": "open sesame"}).status_code == 302
