@@ -68,9 +68,9 @@ LOBBY = "bot-room"
 BOT_NAME = "Ava"
 GREETING = "Hello {name}, I am Ava."
 GREETING_TO_ALICE = GREETING.format(name="Alice")
-ANSWER = "The capital of France is Paris."
-QUESTION = "What is the capital of France?"
-QUESTION_WORDS = ("capital", "france")
+ANSWER = "The capital of Spain is Madrid."
+QUESTION = "What is the capital of Spain?"
+QUESTION_WORDS = ("capital", "spain")
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-password-for-the-e2e-test"
 # The server reads the provider's key from this variable; the fake refuses any other key.
 KEY_VARIABLE, API_KEY = "FAKE_OPENAI_KEY", "sk-fake-e2e-0123456789"
