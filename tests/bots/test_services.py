@@ -206,3 +206,18 @@ def test_history_past_retention_is_pruned_and_analytics_count_the_rest(ava: Bot,
     assert figures["turns"] == 21 and figures["errors"] == 1
     assert figures["first_audio_avg_ms"] == pytest.approx(1050.0)
     assert figures["first_audio_p95_ms"] == 1900.0
+
+
+def test_a_bot_joins_a_lobby_with_a_password_without_it_and_people_still_need_it(ava: Bot) -> None:
+    creator, _ = lobby_services.session_create(name="Creator")
+    lobby = lobby_services.lobby_create(
+        name="vault", private=True, max_participants=12, created_by=creator, password="open sesame"
+    )
+    assignment = services.bot_add_to_lobby(bot=ava, lobby=lobby)
+
+    joined = lobby_services.lobby_join(lobby_name="vault", session=assignment.session, channel_name="bot-channel")
+
+    assert joined.peer["bot"] is True
+    stranger, _ = lobby_services.session_create(name="Mallory")
+    with pytest.raises(lobby_services.BadPassword):
+        lobby_services.lobby_join(lobby_name="vault", session=stranger, channel_name="mallory-channel")
