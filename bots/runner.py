@@ -61,6 +61,10 @@ class RunnerEnded(Exception):
     """The bot must not come back to this lobby on its own (kicked, or replaced by another worker)."""
 
 
+class Refused(Exception):
+    """The server turned the bot away for now; it tries again later."""
+
+
 @dataclass
 class Link:
     """The peer connection to one person."""
@@ -143,6 +147,8 @@ class BotRunner:
                     attempt = 0
             except websockets.ConnectionClosed as closed:
                 await self.closed(closed.rcvd.code if closed.rcvd else None, closed.rcvd.reason if closed.rcvd else "")
+            except Refused as refused:
+                await self.on_status("error", str(refused))
             except (OSError, TimeoutError, websockets.InvalidHandshake) as error:
                 await self.on_status("error", f"Cannot reach the server: {error}")
             finally:
@@ -172,9 +178,8 @@ class BotRunner:
     async def take_part(self, websocket: websockets.ClientConnection) -> None:
         welcome = json.loads(await asyncio.wait_for(websocket.recv(), timeout=HANDSHAKE_SECONDS))
         if welcome.get("type") != "welcome":
-            # The close that follows says why.
-            await asyncio.wait_for(websocket.recv(), timeout=HANDSHAKE_SECONDS)
-            return
+            # Refused (the lobby is full or closed): the error frame says why, a close follows.
+            raise Refused(welcome.get("message", "The server refused the bot."))
         await self.on_status("in_room", "")
         self.people = {}
         for peer in welcome["peers"]:

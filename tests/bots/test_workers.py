@@ -223,3 +223,27 @@ async def test_a_kicked_bot_is_removed_from_the_lobby(
     with pytest.raises(TimeoutError):
         await wait_for(alice, bot_joined("Bot0"), timeout=3)
     await alice.close()
+
+
+async def test_a_bot_with_no_place_in_a_full_lobby_says_so_and_joins_when_there_is_one(
+    start_production_server: Callable[..., LiveServer], start_bot_worker: Callable[..., WorkerProcess]
+) -> None:
+    server = start_production_server()
+    await sync_to_async(start_bot_worker)(server)
+    [bot] = await sync_to_async(make_bots)(1)
+    alice = LiveClient(server, "Alice")
+    await alice.join("snug")
+    await Lobby.objects.filter(name="snug").aupdate(max_participants=1)
+    assignment = await sync_to_async(services.bot_add_to_lobby)(bot=bot, lobby=await Lobby.objects.aget(name="snug"))
+
+    for _ in range(50):
+        await assignment.arefresh_from_db()
+        if assignment.status == Assignment.Status.ERROR:
+            break
+        await asyncio.sleep(0.1)
+    assert assignment.last_error == "This lobby is full."
+
+    # Room at last: the bot takes it at its next attempt (its backoff is short at first).
+    await Lobby.objects.filter(name="snug").aupdate(max_participants=2)
+    await wait_for(alice, bot_joined("Bot0"), timeout=15)
+    await alice.close()
