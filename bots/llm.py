@@ -28,6 +28,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
+from bots import metrics
 from bots.config import ANTHROPIC, OFFLINE, OPENAI, BotProfile, ProviderSettings
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ async def reply_stream(*, bot: BotProfile, messages: list[Message]) -> AsyncIter
         success = True
     except ProviderError:
         success = False
+        metrics.provider_failed(bot.provider.kind)
         raise
     finally:
         if success is None and parts:

@@ -79,6 +79,8 @@ class TurnRecord:
     synthesis_first_audio_ms: float | None = None  # first text delta → first piece synthesized
     first_audio_ms: float | None = None  # end of user speech → first bot audio frame sent
     barge_in_ms: float | None = None  # person starts talking (as the VAD places it) → bot audio stopped
+    # Wall-clock start (time.time()), so the worker can trace the turn with its real duration.
+    started_at: float = field(default_factory=time.time, compare=False, repr=False)
 
 
 def words(text: str) -> list[str]:

@@ -15,11 +15,14 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from bots import selectors, services, speech
+from bots import metrics, selectors, services, speech
+from bots.config import BotProfile
 from bots.models import Assignment
 from bots.pipeline import TurnRecord
 from bots.runner import BotRunner, RunnerEnded, use_host_addresses
 from lobbies.publisher import publisher
+from voicebot import logcontext
+from voicebot.tracing import trace_turn
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class BotWorker:
             for assignment_id, task in list(self.runners.items()):
                 if task.done():
                     del self.runners[assignment_id]
+            metrics.bots_in_rooms.set(len(self.runners))
             free = self.capacity - len(self.runners)
             claims = await database_sync_to_async(services.assignments_claim)(worker_id=self.worker_id, limit=free)
             for claim in claims:
@@ -93,13 +97,22 @@ class BotWorker:
             profile=profile,
             server_url=self.server_url,
             on_status=lambda status, error="": self.set_status(claim.assignment_id, status, error),
-            on_turn=lambda turn: self.record_turn(claim.assignment_id, turn),
+            on_turn=lambda turn: self.record_turn(claim.assignment_id, turn, profile),
             on_kicked=lambda: self.kicked(claim.assignment_id),
         )
         self.runners[claim.assignment_id] = asyncio.create_task(self.supervise(runner, claim))
+        metrics.bots_in_rooms.set(len(self.runners))
         logger.info("Bot %s joining lobby %s", profile.name, claim.lobby_name)
 
     async def supervise(self, runner: BotRunner, claim: services.Claim) -> None:
+        # This task runs the bot: its logs, and those of the tasks the runner
+        # starts, carry which bot in which lobby. The bot's own session is session_id.
+        logcontext.bind(
+            assignment_id=claim.assignment_id,
+            bot=runner.profile.name,
+            lobby=claim.lobby_name,
+            session_id=claim.session_id,
+        )
         try:
             await runner.run()
         except RunnerEnded as ended:
@@ -112,6 +125,7 @@ class BotWorker:
         tasks = [self.runners.pop(assignment_id) for assignment_id in assignment_ids if assignment_id in self.runners]
         for task in tasks:
             task.cancel()
+        metrics.bots_in_rooms.set(len(self.runners))
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -139,7 +153,9 @@ class BotWorker:
         except Exception:
             logger.exception("Could not record bot status %s", status)
 
-    async def record_turn(self, assignment_id: int, turn: TurnRecord) -> None:
+    async def record_turn(self, assignment_id: int, turn: TurnRecord, profile: BotProfile) -> None:
+        metrics.turn_finished(turn, profile)
+        trace_turn(turn_fields(turn), started_at=turn.started_at)
         try:
             await database_sync_to_async(services.turn_record)(assignment_id=assignment_id, **turn_fields(turn))
         except Exception:

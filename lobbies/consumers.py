@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import re
+import time
 from datetime import UTC, datetime
 from collections.abc import Awaitable
 from typing import Any
@@ -13,8 +14,12 @@ from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http.cookie import parse_cookie
+from opentelemetry.trace import SpanKind
 
-from lobbies import services
+from voicebot import logcontext
+from voicebot.tracing import tracer
+
+from lobbies import metrics, services
 from lobbies.models import LOBBY_NAME_PATTERN
 from lobbies.cache import invalidation_listener
 from lobbies.presence import presence
@@ -82,6 +87,10 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     # events and messages are ignored while it is None.
     peer_id: str | None = None
     name: str
+    # Whether the open-connections gauge counts this connection.
+    counted_open = False
+    # time.time() when the message being handled arrived, for the relay latency.
+    received_at = 0.0
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a
@@ -93,13 +102,31 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
+        """Join the lobby, traced; the span names the lobby and the outcome, never the token."""
+        lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
+        with tracer.start_as_current_span(
+            "websocket.connect", kind=SpanKind.SERVER, attributes={"voicebot.lobby": lobby_name}
+        ) as span:
+            await self.join()
+            outcome = "joined" if self.peer_id is not None else getattr(self, "refused_with", "closed")
+            context = {f"voicebot.{name}": value for name, value in logcontext.current().items()}
+            span.set_attributes({**context, "voicebot.outcome": outcome})
+        logger.info("WebSocket connect to lobby %s: %s", lobby_name, outcome)
+
+    async def join(self) -> None:
         # Accept first: a refused handshake is invisible to browsers, a close code is not.
         await self.accept()
+        self.counted_open = True
+        metrics.connection_opened()
         publisher.attach()
         presence.attach()
         await invalidation_listener.attach()
         self.peer_channels: dict[str, str] = {}
         self.lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
+        # Bound after the process-wide tasks above have started, so they do not
+        # inherit it. It lasts for the connection: channels runs all of a
+        # consumer's handlers in one task, and database_sync_to_async copies it.
+        logcontext.bind(**logcontext.connection_fields(self.scope), lobby=self.lobby_name)
         if not re.match(LOBBY_NAME_PATTERN, self.lobby_name):
             await self.reject("bad_field", "Lobby names use letters, digits, '-' and '_' only.", CLOSE_BAD_LOBBY_NAME)
             return
@@ -107,6 +134,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         if session is None:
             await self.reject("unauthenticated", "No valid session; create one first.", CLOSE_UNAUTHENTICATED)
             return
+        logcontext.bind(session_id=session.id)
 
         self.group = services.lobby_group(self.lobby_name)
         # Join the group before the roster is read, so no join in between is missed.
@@ -158,10 +186,16 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.reject(code, message, close_code)
 
     async def reject(self, code: str, message: str, close_code: int) -> None:
+        self.refused_with = code  # the connect span's outcome
+        metrics.error_sent(code)
         await self.send_frame(error_frame(code, message))
         await self.close(code=close_code)
 
     async def disconnect(self, close_code: int) -> None:
+        if self.counted_open:
+            self.counted_open = False
+            metrics.connection_closed(close_code)
+        logger.info("WebSocket closed with code %s", close_code)
         presence.discard(self.channel_name)
         if self.peer_id is None:
             return
@@ -176,10 +210,13 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.peer_id is None:
             return
+        self.received_at = time.time()
         try:
             data, message = parse_client_message(text_data, bytes_data)
+            metrics.message_received(data["type"], len(text_data))
             await self.handle(data, message)
         except ProtocolError as error:
+            metrics.error_sent(error.code)
             await self.send_frame(error.frame())
 
     async def handle(self, data: dict[str, Any], message: Any) -> None:
@@ -188,7 +225,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             if channel is None:
                 raise ProtocolError("unknown_peer", "That peer is not in this lobby.")
             frame = {**data, "from": self.peer_id}
-            await self.relay(self.channel_layer.send(channel, {"type": "lobby.deliver", "frame": frame}))
+            event = {"type": "lobby.deliver", "frame": frame, "received_at": self.received_at}
+            await self.relay("send", self.channel_layer.send(channel, event))
         elif isinstance(message, Chat):
             frame = {
                 "type": "chat",
@@ -197,7 +235,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "text": message.text,
                 "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             }
-            await self.relay(self.channel_layer.group_send(self.group, {"type": "lobby.deliver", "frame": frame}))
+            event = {"type": "lobby.deliver", "frame": frame, "received_at": self.received_at}
+            await self.relay("group_send", self.channel_layer.group_send(self.group, event))
         elif isinstance(message, Mute):
             await database_sync_to_async(services.membership_set_muted)(
                 lobby_name=self.lobby_name,
@@ -208,15 +247,19 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         elif isinstance(message, Ping):
             await self.send_frame({"type": "pong"})
 
-    async def relay(self, sending: Awaitable[None]) -> None:
+    async def relay(self, operation: str, sending: Awaitable[None]) -> None:
         """Hand a message to the channel layer; a failure concerns this message only."""
+        started = time.perf_counter()
         try:
             await sending
         except ChannelFull:
+            metrics.layer_failed(operation, "full")
             raise ProtocolError("delivery_failed", "That peer cannot receive messages right now.")
         except Exception:
+            metrics.layer_failed(operation, "error")
             logger.exception("Channel layer send failed in lobby %s", self.lobby_name)
             raise ProtocolError("delivery_failed", "The message could not be delivered; try again.")
+        metrics.layer_sent(operation, time.perf_counter() - started)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))
@@ -225,6 +268,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
 
     async def lobby_deliver(self, event: dict[str, Any]) -> None:
         if self.peer_id is not None:
+            metrics.message_delivered(event["frame"]["type"], event.get("received_at"))
             await self.send_frame(event["frame"])
 
     async def lobby_peer_joined(self, event: dict[str, Any]) -> None:

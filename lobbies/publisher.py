@@ -12,11 +12,14 @@ are dropped: no connection of this process is left to hear them.
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
+
+from lobbies import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +59,21 @@ class Publisher:
 async def deliver(event: Event) -> None:
     kind, name, message = event
     layer = get_channel_layer()
+    operation = "group_send" if kind == "group" else "send"
+    started = time.perf_counter()
     try:
         if kind == "group":
             await layer.group_send(name, message)
         else:
             await layer.send(name, message)
     except ChannelFull:
+        metrics.layer_failed(operation, "full")
         logger.warning("Channel layer full; dropped %s to %s %s", message["type"], kind, name)
     except Exception:
+        metrics.layer_failed(operation, "error")
         logger.exception("Could not publish %s to %s %s", message["type"], kind, name)
+    else:
+        metrics.layer_sent(operation, time.perf_counter() - started)
 
 
 publisher = Publisher()

@@ -160,7 +160,7 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 def production_env() -> dict[str, str]:
     """Postgres (the test database) and Redis, as the running test process uses them."""
     db = settings.DATABASES["default"]
-    if db["ENGINE"] != "django.db.backends.postgresql" or not settings.REDIS_URL:
+    if not db["ENGINE"].endswith(".postgresql") or not settings.REDIS_URL:
         pytest.fail("This test needs Postgres and Redis: run the suite with `bash tests/run.sh`.")
     host = db.get("HOST") or "127.0.0.1"
     port = db.get("PORT") or 5432

@@ -8,11 +8,13 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check --only-binary=:all: -r requirements.txt
 
 # Debian packages the suite uses: Chromium for the browser tests, PostgreSQL
-# and Redis for the production configuration. Installed only when missing.
+# and Redis for the production configuration, promtool (prometheus). Installed only when missing.
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# promtool, which checks the /metrics exposition (tests/monitoring/test_metrics.py).
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi

@@ -35,9 +35,10 @@ def test_embedded_default_needs_nothing_and_keeps_its_secret_key(tmp_path: Path)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     values = json.loads(first.stdout)
-    assert values["engine"] == "django.db.backends.sqlite3"
+    # django-prometheus's wrappers of SQLite and the local-memory cache (settings.py, metrics).
+    assert values["engine"] == "django_prometheus.db.backends.sqlite3"
     assert values["layer"] == "channels.layers.InMemoryChannelLayer"
-    assert values["cache"] == "django.core.cache.backends.locmem.LocMemCache"
+    assert values["cache"] == "django_prometheus.cache.backends.locmem.LocMemCache"
     assert values["debug"] is False
     assert len(values["key"]) >= 50
     assert oct((tmp_path / "secret_key").stat().st_mode & 0o777) == "0o600"
@@ -55,7 +56,8 @@ def test_a_database_url_without_a_secret_key_refuses_to_start(tmp_path: Path) ->
 def test_postgres_uses_djangos_pool_without_persistent_connections() -> None:
     database = settings.DATABASES["default"]
 
-    assert database["ENGINE"] == "django.db.backends.postgresql", "run the suite with tests/run.sh"
+    # django-prometheus's wrapper of the PostgreSQL backend (settings.py, metrics).
+    assert database["ENGINE"] == "django_prometheus.db.backends.postgresql", "run the suite with tests/run.sh"
     assert database["CONN_MAX_AGE"] == 0
     assert database["CONN_HEALTH_CHECKS"] is True
     assert database["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 10, "timeout": 10}

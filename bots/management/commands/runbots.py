@@ -4,7 +4,9 @@ import signal
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
+from prometheus_client import start_http_server
 
+import bots.metrics  # noqa: F401  registers the bot metrics
 from bots.worker import BotWorker
 
 logger = logging.getLogger(__name__)
@@ -19,8 +21,18 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--server-url", default=settings.BOT_SERVER_URL, help="Where bots open their lobby WebSockets.")
         parser.add_argument("--capacity", type=int, default=settings.BOT_WORKER_CAPACITY, help="Lobbies at most.")
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=0,
+            help="Serve this worker's Prometheus metrics on http://0.0.0.0:PORT/metrics (0: off).",
+        )
 
-    def handle(self, *args: object, server_url: str, capacity: int, **options: object) -> None:
+    def handle(self, *args: object, server_url: str, capacity: int, metrics_port: int, **options: object) -> None:
+        if metrics_port:
+            # A thread of its own: the worker's loop may be busy with audio when Prometheus scrapes.
+            start_http_server(metrics_port)
+            logger.info("Bot worker metrics on port %d", metrics_port)
         asyncio.run(self.work(server_url, capacity))
 
     async def work(self, server_url: str, capacity: int) -> None:
