@@ -427,7 +427,7 @@ def status_history(page: Page) -> list[dict]:
 
 def server_restart(pages: dict[str, Page], server: Server, ids: dict[str, str], results: dict) -> None:
     """SIGTERM the server and start it again: both pages come back on their own."""
-    alice, bob = pages["alice"], pages["bob"]
+    alice = pages["alice"]
     names = {"alice": "Alice", "bob": "Bob"}
     other = {"alice": "bob", "bob": "alice"}
     serials = {who: newest_serial(probe(page)) for who, page in pages.items()}

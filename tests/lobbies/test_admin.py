@@ -22,7 +22,7 @@ from django.utils import timezone
 from lobbies import services
 from lobbies.models import Lobby, LobbyBan, Membership
 from tests.conftest import LiveClient, LiveServer, Person
-from tests.lobbies.test_consumers import Client, joined, open_client
+from tests.lobbies.test_consumers import joined, open_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 # Over the Redis and the in-memory channel layer, as the other consumer tests.

@@ -10,7 +10,7 @@ from bots import services as bot_services
 from bots.models import Bot, Provider, Worker
 from lobbies import services as lobby_services
 from tests.conftest import LiveServer
-from tests.monitoring.test_readyz import OwnRedis, get, get_json, own_redis, wait_for_status  # noqa: F401
+from tests.monitoring.conftest import OwnRedis, get, get_json, wait_for_status
 
 # The test machine's disk and memory are not under test unless a test says so.
 ROOMY = {"HEALTH_DISK_MIN_FREE_PERCENT": "0", "HEALTH_MEMORY_MIN_AVAILABLE_PERCENT": "0"}
