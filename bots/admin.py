@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 from django import forms
 from django.contrib import admin, messages
 from django.db import models
@@ -187,25 +189,26 @@ class AssignmentAdmin(admin.ModelAdmin):
 
     @admin.action(description="Remove selected bots from their lobby", permissions=["change"])
     def remove_from_lobby(self, request: HttpRequest, queryset: QuerySet[Assignment]) -> None:
-        # Read once, before the removal: the changelist's filter ("In the lobby") would no longer match the rows.
-        selected = list(queryset.select_related("bot", "lobby"))
-        removed = 0
-        for assignment in selected:
-            if services.bot_remove_from_lobby(assignment=assignment, by=request.user):
-                self.log_change(request, assignment, "Removed from the lobby.")
-                removed += 1
-        self.message_user(request, f"Removed {removed} of {len(selected)} selected; any others had been removed already.")
+        done, selected = self.act(request, queryset, services.bot_remove_from_lobby, "Removed from the lobby.")
+        self.message_user(request, f"Removed {done} of {selected} selected; any others had been removed already.")
 
     @admin.action(description="Restart selected bots", permissions=["change"])
     def restart(self, request: HttpRequest, queryset: QuerySet[Assignment]) -> None:
-        # Read once, before the restart: a status filter would no longer match the rows.
+        done, selected = self.act(request, queryset, services.bot_restart, "Restarted.")
+        self.message_user(request, f"Restarted {done} of {selected} selected; any others had been removed.")
+
+    def act(
+        self, request: HttpRequest, queryset: QuerySet[Assignment], service: Callable[..., bool], log: str
+    ) -> tuple[int, int]:
+        """Apply `service` to each selected assignment; returns how many it changed, of how many."""
+        # Read once, before acting: the changelist's filter (presence, status) would no longer match the rows.
         selected = list(queryset.select_related("bot", "lobby"))
-        restarted = 0
+        done = 0
         for assignment in selected:
-            if services.bot_restart(assignment=assignment, by=request.user):
-                self.log_change(request, assignment, "Restarted.")
-                restarted += 1
-        self.message_user(request, f"Restarted {restarted} of {len(selected)} selected; any others had been removed.")
+            if service(assignment=assignment, by=request.user):
+                self.log_change(request, assignment, log)
+                done += 1
+        return done, len(selected)
 
 
 class LobbyAssignmentInline(admin.TabularInline):

@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite: named people, live servers, WebSocket clients."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -241,3 +242,28 @@ class LiveClient:
         """Leave (1000) or, with another code, drop the connection as a lost network would."""
         if self.socket is not None:
             await self.socket.close(code=code)
+
+
+def run_browser_scenario(scenario: Path, timeout: float) -> dict:
+    """Run a browser scenario script on the embedded default inside a fresh
+    network namespace that has only loopback, so no media, STUN, DNS or provider
+    traffic can leave the machine and ICE can only succeed on 127.0.0.1.
+    Returns the JSON object it prints last, after checking it succeeded."""
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY")}
+    # The scenario's path and interpreter go in as arguments, so no quoting is needed.
+    command = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$1"', sys.executable, str(scenario)]
+    # Its own process group, so a timeout also ends the server and browser it started.
+    process = subprocess.Popen(
+        command, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{scenario.name} took over {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}")
+    lines = stdout.strip().splitlines()
+    assert lines, f"the scenario printed nothing (exit {process.returncode})\nstderr:\n{stderr[-4000:]}"
+    results = json.loads(lines[-1])
+    assert process.returncode == 0 and results["ok"], f"{results.get('error')}\n{json.dumps(results, indent=2)}\n{stderr[-4000:]}"
+    return results

@@ -8,17 +8,12 @@ no media, STUN, DNS or provider traffic can leave the machine and ICE can only
 succeed on 127.0.0.1. See browser_bot_scenario.py for the steps.
 """
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import run_browser_scenario
+
 
 SCENARIO = Path(__file__).with_name("browser_bot_scenario.py")
-ROOT = SCENARIO.parents[2]
 TIMEOUT = 180
 
 
@@ -27,34 +22,8 @@ def ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f} ms"
 
 
-def run_scenario() -> tuple[int, str, str]:
-    # The embedded default: SQLite, the in-memory layer and the bot worker inside the server.
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY")
-    }
-    # The scenario's path and interpreter go in as arguments, so no quoting is needed.
-    command = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$1"', sys.executable, str(SCENARIO)]
-    # Its own process group, so a timeout also ends the server and browser it started.
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the browser bot scenario took over {TIMEOUT} s\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}")
-    return process.returncode, stdout, stderr
-
-
 def test_a_person_talks_with_a_bot_that_an_administrator_adds_and_removes():
-    returncode, stdout, stderr = run_scenario()
-    lines = stdout.strip().splitlines()
-    assert lines, f"the scenario printed nothing (exit {returncode})\nstderr:\n{stderr[-4000:]}"
-    results = json.loads(lines[-1])
-    assert returncode == 0 and results["ok"], f"{results.get('error')}\n{json.dumps(results, indent=2)}\n{stderr[-4000:]}"
+    results = run_browser_scenario(SCENARIO, TIMEOUT)
 
     turn = results["turn"]
     print(

@@ -38,6 +38,15 @@ async def wait_for(client: LiveClient, matches: Callable[[dict], bool], timeout:
             return frame
 
 
+async def assignment_when(assignment: Assignment, done: Callable[[Assignment], bool], timeout: float = 5) -> Assignment:
+    """The assignment as soon as `done` holds for it (the worker records changes a moment later), or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while not done(assignment) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        await assignment.arefresh_from_db()
+    return assignment
+
+
 def bot_joined(name: str) -> Callable[[dict], bool]:
     return lambda frame: frame["type"] == "peer_joined" and frame["peer"]["bot"] and frame["peer"]["name"] == name
 
@@ -182,12 +191,7 @@ async def test_a_failing_provider_costs_only_its_own_bot_an_apology(
     assert apology["text"] == "Sorry, I can't answer right now."
     assert "Paris" in answer["text"]
     # The status is recorded just after the apology is written.
-    assignment = await Assignment.objects.aget(bot=broken)
-    for _ in range(30):
-        if assignment.status == Assignment.Status.ERROR:
-            break
-        await asyncio.sleep(0.1)
-        await assignment.arefresh_from_db()
+    assignment = await assignment_when(await Assignment.objects.aget(bot=broken), lambda a: a.status == Assignment.Status.ERROR)
     assert assignment.status == Assignment.Status.ERROR and "dead" in assignment.last_error
     assert (await Assignment.objects.aget(bot=fine)).status != Assignment.Status.ERROR
     await alice.close()
@@ -212,12 +216,7 @@ async def test_a_kicked_bot_is_removed_from_the_lobby(
 
     assert response.status_code == 302
     await wait_for(alice, lambda frame: frame == {"type": "peer_left", "peer_id": joined["peer"]["peer_id"]}, timeout=3)
-    assignment = await Assignment.objects.aget(bot=bot)
-    for _ in range(50):
-        if assignment.removed_at is not None:
-            break
-        await asyncio.sleep(0.1)
-        await assignment.arefresh_from_db()
+    assignment = await assignment_when(await Assignment.objects.aget(bot=bot), lambda a: a.removed_at is not None)
     assert assignment.removed_at is not None
     # It stays out: nobody claims a removed assignment.
     with pytest.raises(TimeoutError):
@@ -236,11 +235,7 @@ async def test_a_bot_with_no_place_in_a_full_lobby_says_so_and_joins_when_there_
     await Lobby.objects.filter(name="snug").aupdate(max_participants=1)
     assignment = await sync_to_async(services.bot_add_to_lobby)(bot=bot, lobby=await Lobby.objects.aget(name="snug"))
 
-    for _ in range(50):
-        await assignment.arefresh_from_db()
-        if assignment.status == Assignment.Status.ERROR:
-            break
-        await asyncio.sleep(0.1)
+    assignment = await assignment_when(assignment, lambda a: a.status == Assignment.Status.ERROR)
     assert assignment.last_error == "This lobby is full."
 
     # Room at last: the bot takes it at its next attempt (its backoff is short at first).

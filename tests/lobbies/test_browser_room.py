@@ -7,47 +7,17 @@ no media, STUN or DNS traffic can leave the machine and ICE can only succeed
 on 127.0.0.1. See browser_room_scenario.py for the steps.
 """
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import run_browser_scenario
+
 
 SCENARIO = Path(__file__).with_name("browser_room_scenario.py")
-ROOT = SCENARIO.parents[2]
 TIMEOUT = 180
 
 
-def run_scenario() -> tuple[int, str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY")
-    }
-    # The scenario's path and interpreter go in as arguments, so no quoting is needed.
-    command = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$1"', sys.executable, str(SCENARIO)]
-    # Its own process group, so a timeout also ends the server and browser it started.
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the browser scenario took over {TIMEOUT} s\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}")
-    return process.returncode, stdout, stderr
-
-
 def test_two_people_talk_and_chat_in_a_room():
-    returncode, stdout, stderr = run_scenario()
-    lines = stdout.strip().splitlines()
-    assert lines, f"the scenario printed nothing (exit {returncode})\nstderr:\n{stderr[-4000:]}"
-    results = json.loads(lines[-1])
-    assert returncode == 0 and results["ok"], f"{results.get('error')}\n{json.dumps(results, indent=2)}\n{stderr[-4000:]}"
+    results = run_browser_scenario(SCENARIO, TIMEOUT)
 
     print(
         "\ntime from opening the landing page to connected audio: "
