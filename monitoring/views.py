@@ -1,9 +1,17 @@
+import time
+
+from django.conf import settings
+from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from monitoring import health
+from monitoring import health, selectors
+
+# The dashboard's windows; samples older than MONITORING_RETENTION_HOURS are gone.
+DASHBOARD_WINDOWS = [(900, "15 minutes"), (3600, "1 hour"), (10800, "3 hours"), (21600, "6 hours")]
 
 
 @require_GET
@@ -55,3 +63,35 @@ async def health_page(request: HttpRequest) -> HttpResponse:
         return JsonResponse(body, status=code)
     context = {"status": status, "message": health.summary(outcomes), "outcomes": outcomes}
     return render(request, "monitoring/health.html", context, status=code)
+
+
+def dashboard_windows() -> list[tuple[int, str]]:
+    retained = settings.MONITORING_RETENTION_HOURS * 3600
+    return [(seconds, label) for seconds, label in DASHBOARD_WINDOWS if seconds <= retained] or DASHBOARD_WINDOWS[:1]
+
+
+@never_cache
+@require_GET
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The staff performance dashboard (wrapped in admin_view in voicebot/urls.py)."""
+    context = {
+        **admin.site.each_context(request),
+        "title": "Performance dashboard",
+        "data_url": reverse("dashboard_data"),
+        "windows": dashboard_windows(),
+        "window": 3600,
+    }
+    return render(request, "admin/monitoring/dashboard.html", context)
+
+
+@never_cache
+@require_GET
+def dashboard_data(request: HttpRequest) -> JsonResponse:
+    windows = dict(dashboard_windows())
+    try:
+        window = int(request.GET.get("window", 3600))
+    except ValueError:
+        window = 0
+    if window not in windows:
+        return JsonResponse({"error": f"window must be one of {sorted(windows)} seconds"}, status=400)
+    return JsonResponse(selectors.dashboard_data(window=window, now=time.time()))

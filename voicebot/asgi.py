@@ -1,5 +1,6 @@
 """ASGI entry point: HTTP goes to Django, WebSockets to the lobby consumers.
-On the embedded default the bot worker runs in this process too."""
+Every server process samples its numbers for the dashboard; on the embedded
+default the bot worker runs in this process too."""
 
 import os
 
@@ -21,6 +22,11 @@ application = ProtocolTypeRouter(
         "websocket": origin_validator(URLRouter(websocket_urlpatterns)),
     }
 )
+
+if settings.MONITORING_SAMPLE_SECONDS:
+    from monitoring.sampler import SamplerMiddleware
+
+    application = SamplerMiddleware(application)
 
 if settings.BOTS_IN_PROCESS:
     from bots.worker import BotsInProcess

@@ -299,6 +299,16 @@ HEALTH_CHECK_TIMEOUT_SECONDS = env_int("HEALTH_CHECK_TIMEOUT_SECONDS", 2)
 HEALTH_DISK_MIN_FREE_PERCENT = env_int("HEALTH_DISK_MIN_FREE_PERCENT", 10)
 HEALTH_MEMORY_MIN_AVAILABLE_PERCENT = env_int("HEALTH_MEMORY_MIN_AVAILABLE_PERCENT", 10)
 
+# The performance dashboard (/admin/dashboard/) and alert rules. Every process
+# stores a sample of its numbers this often (0: never), in Redis when REDIS_URL
+# is set (under MONITORING_SAMPLES_KEY), in the database otherwise.
+MONITORING_SAMPLE_SECONDS = env_int("MONITORING_SAMPLE_SECONDS", 5)
+MONITORING_RETENTION_HOURS = env_int("MONITORING_RETENTION_HOURS", 6)
+MONITORING_SAMPLES_KEY = os.environ.get("MONITORING_SAMPLES_KEY", "voicebot:monitoring:samples")
+# Alert rules judge the deployment over this trailing window, each time a sample is stored.
+MONITORING_ALERT_WINDOW_SECONDS = env_int("MONITORING_ALERT_WINDOW_SECONDS", 60)
+MONITORING_EVENT_RETENTION_DAYS = env_int("MONITORING_EVENT_RETENTION_DAYS", 30)
+
 # --- metrics ------------------------------------------------------------------
 
 # GET /metrics (docs/metrics.md). Open unless one of these is set: then

@@ -8,6 +8,7 @@ from prometheus_client import start_http_server
 
 import bots.metrics  # noqa: F401  registers the bot metrics
 from bots.worker import BotWorker
+from monitoring.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,14 @@ class Command(BaseCommand):
 
     async def work(self, server_url: str, capacity: int) -> None:
         worker = BotWorker(server_url=server_url, capacity=capacity)
+        sampler = Sampler(role="bots")
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stop)
-        await worker.run()
+        sampling = loop.create_task(sampler.run()) if settings.MONITORING_SAMPLE_SECONDS else None
+        try:
+            await worker.run()
+        finally:
+            sampler.stop()
+            if sampling is not None:
+                await sampling
