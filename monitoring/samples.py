@@ -118,7 +118,8 @@ def retention_start(now: float | None = None) -> float:
 def merge_histograms(histograms: Iterable[Histogram | None]) -> Histogram | None:
     merged: Histogram | None = None
     for histogram in histograms:
-        if not histogram:
+        # A process that observed nothing (a server's bot stages, say) adds nothing.
+        if not histogram or not histogram["n"] or histogram["n"][-1] <= 0:
             continue
         if merged is None or merged["le"] != histogram["le"]:
             # Buckets change only with a new release; the newest layout wins.

@@ -17,8 +17,10 @@ RECENT_EVENTS = 20
 
 
 def chart_step(window: int) -> int:
+    """At least two sample intervals, so every point holds a sample of every
+    live process: a point that missed one would show its gauges summed short."""
     interval = settings.MONITORING_SAMPLE_SECONDS
-    return interval * max(1, math.ceil(window / POINTS_PER_CHART / interval))
+    return interval * max(2, math.ceil(window / POINTS_PER_CHART / interval))
 
 
 def series_over(samples: list[dict], *, start: float, step: int, buckets: int) -> dict[str, list]:

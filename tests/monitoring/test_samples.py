@@ -49,6 +49,19 @@ def test_two_processes_add_up() -> None:
     assert values["bot_first_audio_p95_ms"] is None
 
 
+def test_a_process_that_observed_nothing_leaves_the_percentile_alone() -> None:
+    """Servers report an empty bot-latency histogram; the bot worker's must still count."""
+    now = time.time()
+    nothing = {"le": [], "n": []}
+    zeros = {"le": [0.001, 0.01, 0.1], "n": [0, 0, 0, 0]}
+    samples = [
+        make_sample(now, "server:1", bot_first_audio=nothing),
+        make_sample(now, "worker:2", bot_first_audio=MS),
+        make_sample(now, "server:3", bot_first_audio=zeros),
+    ]
+    assert aggregate(samples)["bot_first_audio_p95_ms"] == pytest.approx(1000 * (0.01 + 0.09 * 45 / 50))
+
+
 def test_no_samples_no_values() -> None:
     assert set(aggregate([]).values()) == {None}
 
