@@ -3,8 +3,8 @@ import logging
 import math
 import re
 import time
-from datetime import UTC, datetime
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -16,14 +16,10 @@ from django.conf import settings
 from django.http.cookie import parse_cookie
 from opentelemetry.trace import SpanKind
 
-from voicebot import logcontext
-from voicebot.tracing import tracer
-
 from lobbies import metrics, services
-from lobbies.models import LOBBY_NAME_PATTERN
 from lobbies.cache import invalidation_listener
+from lobbies.models import LOBBY_NAME_PATTERN
 from lobbies.presence import presence
-from lobbies.publisher import publisher
 from lobbies.protocol import (
     SIGNALING_TYPES,
     Chat,
@@ -33,7 +29,10 @@ from lobbies.protocol import (
     error_frame,
     parse_client_message,
 )
+from lobbies.publisher import publisher
 from lobbies.selectors import asession_for_token
+from voicebot import logcontext
+from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +64,16 @@ def connection_password(scope: dict[str, Any]) -> str:
     """The lobby password from `?password=` (percent-encoded UTF-8), or ""."""
     query = parse_qs(scope.get("query_string", b"").decode("latin1"))
     return query.get("password", [""])[0]
+
+
+def relayed_text(text: str, data: dict[str, Any], sender: str) -> str:
+    """The client's message as it arrived, with "from" added: the receiver gets
+    exactly what was sent, and the server encodes nothing per message. The text
+    is a JSON object that parsed, so it ends with "}"; a client's own "from"
+    would be a duplicate key, so that (unusual) message is encoded afresh."""
+    if "from" in data:
+        return json.dumps({**data, "from": sender})
+    return f'{text.rstrip()[:-1]}, "from": {json.dumps(sender)}}}'
 
 
 def kicked_message(seconds: int) -> str:
@@ -214,18 +223,22 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         try:
             data, message = parse_client_message(text_data, bytes_data)
             metrics.message_received(data["type"], len(text_data))
-            await self.handle(data, message)
+            await self.handle(text_data, data, message)
         except ProtocolError as error:
             metrics.error_sent(error.code)
             await self.send_frame(error.frame())
 
-    async def handle(self, data: dict[str, Any], message: Any) -> None:
+    async def handle(self, text: str, data: dict[str, Any], message: Any) -> None:
         if data["type"] in SIGNALING_TYPES:
             channel = self.peer_channels.get(message.to)
             if channel is None:
                 raise ProtocolError("unknown_peer", "That peer is not in this lobby.")
-            frame = {**data, "from": self.peer_id}
-            event = {"type": "lobby.deliver", "frame": frame, "received_at": self.received_at}
+            event = {
+                "type": "lobby.deliver",
+                "kind": data["type"],
+                "text": relayed_text(text, data, self.peer_id),
+                "received_at": self.received_at,
+            }
             await self.relay("send", self.channel_layer.send(channel, event))
         elif isinstance(message, Chat):
             frame = {
@@ -267,7 +280,14 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     # Channel-layer events, published by lobbies.services or relayed by peers.
 
     async def lobby_deliver(self, event: dict[str, Any]) -> None:
-        if self.peer_id is not None:
+        """A relayed message: signaling as text, ready to send; chat and the
+        server's own frames as a dict."""
+        if self.peer_id is None:
+            return
+        if "text" in event:
+            metrics.message_delivered(event["kind"], event.get("received_at"))
+            await self.send(text_data=event["text"])
+        else:
             metrics.message_delivered(event["frame"]["type"], event.get("received_at"))
             await self.send_frame(event["frame"])
 

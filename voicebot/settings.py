@@ -176,7 +176,8 @@ if REDIS_URL:
             # message now and then when another connection of the same process
             # closes while it waits (channels_redis issue 366), and drops
             # messages silently once a connection's queue passes its capacity.
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # Ours delivers to channels of the same process without Redis.
+            "BACKEND": "lobbies.layers.LocalFirstChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "voicebot")},
         }
     }

@@ -247,6 +247,23 @@ async def test_signaling_reaches_only_the_addressed_peer(
     assert await bystander.receive_nothing(timeout=0.3)
 
 
+async def test_signaling_arrives_as_sent_with_extra_fields_and_the_true_sender(
+    connect: Connect, alice: Person, bob: Person
+) -> None:
+    """The message is relayed as the client wrote it (unknown fields, key order,
+    non-ASCII text), and a "from" of the client's own cannot name someone else."""
+    sender = await connect(alice)
+    receiver = await connect(bob)
+    assert (await sender.receive())["type"] == "peer_joined"
+
+    text = '{"to": "%s", "type": "offer", "sdp": "v=0 \u00e9t\u00e9", "x-trace": [1, {"é": null}]}  ' % bob.id
+    await sender.send_to(text_data=text)
+    assert await receiver.receive_from() == text.rstrip()[:-1] + f', "from": "{alice.id}"}}'
+
+    await sender.send_json_to({"type": "ice", "to": bob.id, "candidate": None, "from": "someone-else"})
+    assert await receiver.receive() == {"type": "ice", "to": bob.id, "candidate": None, "from": alice.id}
+
+
 async def test_signaling_to_someone_not_in_the_lobby_is_unknown_peer(
     connect: Connect, alice: Person, bob: Person
 ) -> None:

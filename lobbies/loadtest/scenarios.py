@@ -1,0 +1,256 @@
+"""The load-test scenarios. Each returns flat figures: name -> number.
+
+Rooms scenarios sweep the offered rate upwards, step by step, and keep the
+highest step the server sustained: every message delivered (within the drain
+time after the step), p99 relay latency within the limit, and the generator
+able to offer the rate.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from lobbies.loadtest.clients import LoadClient, Step, Tally, create_lobby, create_sessions
+from lobbies.loadtest.servers import Target
+
+# What a peer connection's negotiation looks like on the wire: an offer, an
+# answer and a handful of ICE candidates.
+SIGNAL_KINDS = ("offer", "answer", "ice", "ice", "ice", "ice", "ice", "ice")
+CONNECTS_IN_FLIGHT = 50
+DRAIN_SECONDS = 2.0
+# The project's lobbies hold LOBBY_DEFAULT_MAX_PARTICIPANTS (12) unless created larger.
+DEFAULT_LOBBY_SIZE = 12
+
+Figures = dict[str, float | None]
+
+
+@dataclass
+class Options:
+    pairs: int = 100
+    rooms: int = 25
+    room_size: int = 8
+    fanout_size: int = 50
+    idle: int = 1000
+    step_seconds: float = 5.0
+    start_rate: float = 250.0
+    max_rate: float = 50_000.0
+    growth: float = 1.5
+    p99_limit_ms: float = 20.0
+    idle_seconds: float = 5.0
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def limited(coroutines: list[Coroutine[Any, Any, Any]], in_flight: int) -> list[Any]:
+    gate = asyncio.Semaphore(in_flight)
+
+    async def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        async with gate:
+            return await coroutine
+
+    return await asyncio.gather(*(run(coroutine) for coroutine in coroutines), return_exceptions=True)
+
+
+def raise_first(results: list[Any], what: str) -> None:
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(results)} {what} failed; first: {failures[0]!r}")
+
+
+async def join_rooms(target: Target, rooms: int, size: int, tally: Tally) -> list[list[LoadClient]]:
+    tokens = await asyncio.to_thread(create_sessions, target, rooms * size)
+    prefix = f"load-{uuid.uuid4().hex[:6]}"
+    if size > DEFAULT_LOBBY_SIZE:
+        for room in range(rooms):
+            await asyncio.to_thread(create_lobby, target, tokens[0], f"{prefix}-{room}", size)
+    clients = [
+        [LoadClient(target, room * size + seat, f"{prefix}-{room}", tokens[room * size + seat], tally) for seat in range(size)]
+        for room in range(rooms)
+    ]
+    everyone = [client for room in clients for client in room]
+    raise_first(await limited([client.connect() for client in everyone], CONNECTS_IN_FLIGHT), "connects")
+    if not target.reference:
+        # Nobody is addressed before every roster holds the whole room (the
+        # reference relay keeps no roster).
+        deadline = time.monotonic() + 10
+        while any(client.peers_known < size - 1 for client in everyone):
+            if time.monotonic() > deadline:
+                raise RuntimeError("peer_joined events did not reach every client within 10 s")
+            await asyncio.sleep(0.01)
+    return clients
+
+
+async def drive(rate: float, seconds: float, send: Callable[[int], Awaitable[None]]) -> tuple[int, float]:
+    """Send rate × seconds messages, paced evenly; returns how many and how long
+    that took (longer than `seconds` when the generator cannot keep up)."""
+    total = max(1, round(rate * seconds))
+    started = time.perf_counter()
+    sent = 0
+    while sent < total:
+        due = min(total, int(rate * (time.perf_counter() - started)) + 1)
+        while sent < due:
+            await send(sent)
+            sent += 1
+        await asyncio.sleep(0.002)
+    return sent, max(time.perf_counter() - started, seconds)
+
+
+async def drain(step: Step, expected: int) -> None:
+    """Wait for the step's messages still on their way, for DRAIN_SECONDS at most."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while step.received < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def sweep(
+    name: str,
+    target: Target,
+    tally: Tally,
+    send: Callable[[int, int], Awaitable[None]],
+    deliveries_per_message: int,
+    options: Options,
+    progress: Callable[[str], None],
+) -> Figures:
+    """Raise the offered delivery rate until a step fails; figures of the best step."""
+    best: Figures = {f"{name}_rate": 0.0}
+    rate = options.start_rate
+    number = max(tally.steps, default=0) + 1
+    # A warm-up step, not judged: the first messages pay for connections and caches.
+    warm_up = tally.step(number)
+    sent, _ = await drive(rate / deliveries_per_message, options.step_seconds / 2, lambda i: send(i, number))
+    await drain(warm_up, sent * deliveries_per_message)
+    del tally.steps[number]
+    while rate <= options.max_rate:
+        number += 1
+        step = tally.step(number)
+        cpu_before = target.cpu_seconds()
+        sent, elapsed = await drive(rate / deliveries_per_message, options.step_seconds, lambda i: send(i, number))
+        expected = sent * deliveries_per_message
+        await drain(step, expected)
+        cpu_after = target.cpu_seconds()
+        lost = expected - step.received
+        p99 = percentile(step.latencies, 0.99)
+        p99_ms = None if p99 is None else p99 * 1000
+        offered_enough = elapsed <= 1.1 * options.step_seconds
+        passed = lost <= 0 and p99_ms is not None and p99_ms <= options.p99_limit_ms and offered_enough
+        figures: Figures = {
+            f"{name}_rate": step.received / elapsed,
+            f"{name}_p50_ms": milliseconds(percentile(step.latencies, 0.5)),
+            f"{name}_p95_ms": milliseconds(percentile(step.latencies, 0.95)),
+            f"{name}_p99_ms": p99_ms,
+            f"{name}_max_ms": milliseconds(max(step.latencies, default=None)),
+            f"{name}_server_cpu_percent": None
+            if cpu_before is None or cpu_after is None
+            else 100 * (cpu_after - cpu_before) / elapsed,
+            f"{name}_server_rss_mib": None if target.rss_bytes() is None else target.rss_bytes() / 2**20,
+        }
+        verdict = "ok" if passed else ("lost messages" if lost > 0 else "p99 too high" if offered_enough else "generator fell behind")
+        progress(
+            f"  {name}: offered {rate:,.0f}/s, delivered {figures[f'{name}_rate']:,.0f}/s, lost {max(lost, 0)}, "
+            f"p99 {fmt(p99_ms)} ms, server CPU {fmt(figures[f'{name}_server_cpu_percent'])} %: {verdict}"
+        )
+        del tally.steps[number]
+        if not passed:
+            best[f"{name}_loss_at_limit"] = max(lost, 0)
+            break
+        best = figures
+        rate *= options.growth
+    return best
+
+
+def milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.1f}"
+
+
+async def rooms_scenario(
+    name: str, target: Target, rooms: int, size: int, options: Options, progress: Callable[[str], None]
+) -> Figures:
+    """Everyone in each room sends offers, answers and ICE to everyone else in turn."""
+    tally = Tally()
+    clients = await join_rooms(target, rooms, size, tally)
+    routes = [(sender, receiver.peer_id) for room in clients for sender in room for receiver in room if receiver is not sender]
+
+    async def send(index: int, step: int) -> None:
+        sender, to = routes[index % len(routes)]
+        await sender.send_signal(SIGNAL_KINDS[(index // len(routes)) % len(SIGNAL_KINDS)], to, step)
+
+    try:
+        figures = await sweep(name, target, tally, send, 1, options, progress)
+    finally:
+        await asyncio.gather(*(client.close() for room in clients for client in room), return_exceptions=True)
+    return {**figures, f"{name}_errors": sum(tally.errors.values())}
+
+
+async def fanout_scenario(target: Target, options: Options, progress: Callable[[str], None]) -> Figures:
+    """One big room; everyone chats in turn, and every chat goes to everyone else."""
+    tally = Tally()
+    [room] = await join_rooms(target, 1, options.fanout_size, tally)
+
+    async def send(index: int, step: int) -> None:
+        await room[index % len(room)].send_chat(step)
+
+    try:
+        figures = await sweep("fanout", target, tally, send, len(room) - 1, options, progress)
+    finally:
+        await asyncio.gather(*(client.close() for client in room), return_exceptions=True)
+    return {**figures, "fanout_errors": sum(tally.errors.values())}
+
+
+async def idle_and_storm_scenario(target: Target, options: Options, progress: Callable[[str], None]) -> Figures:
+    """Many idle connections (connect rate, memory each), then all drop and resume at once."""
+    tally = Tally()
+    count = options.idle
+    tokens = await asyncio.to_thread(create_sessions, target, count)
+    prefix = f"idle-{uuid.uuid4().hex[:6]}"
+    clients = [LoadClient(target, index, f"{prefix}-{index // 10}", tokens[index], tally) for index in range(count)]
+    rss_before = target.rss_bytes()
+    started = time.perf_counter()
+    raise_first(await limited([client.connect() for client in clients], CONNECTS_IN_FLIGHT), "connects")
+    connect_seconds = time.perf_counter() - started
+    await asyncio.sleep(options.idle_seconds)
+    rss_after = target.rss_bytes()
+    per_connection = None if rss_before is None or rss_after is None else (rss_after - rss_before) / count / 1024
+    progress(f"  idle: {count} connected in {connect_seconds:.2f} s ({count / connect_seconds:,.0f}/s), "
+             f"{fmt(per_connection)} KiB of server memory each")
+
+    for client in clients:
+        client.drop()
+    started = time.perf_counter()
+    results = await asyncio.gather(*(client.connect() for client in clients), return_exceptions=True)
+    storm_seconds = time.perf_counter() - started
+    failures = sum(isinstance(result, BaseException) for result in results)
+    progress(f"  storm: {count - failures} of {count} resumed in {storm_seconds:.2f} s, {failures} failed")
+    await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+    return {
+        "idle_connects_per_second": count / connect_seconds,
+        "idle_kib_per_connection": per_connection,
+        "storm_seconds": storm_seconds,
+        "storm_connects_per_second": (count - failures) / storm_seconds,
+        "storm_failures": failures,
+        "idle_errors": sum(tally.errors.values()),
+    }
+
+
+SCENARIOS = ("pairs", "rooms", "fanout", "idle")
+
+
+async def run_scenario(scenario: str, target: Target, options: Options, progress: Callable[[str], None]) -> Figures:
+    if scenario == "pairs":
+        return await rooms_scenario("pairs", target, options.pairs, 2, options, progress)
+    if scenario == "rooms":
+        return await rooms_scenario("rooms", target, options.rooms, options.room_size, options, progress)
+    if scenario == "fanout":
+        return await fanout_scenario(target, options, progress)
+    return await idle_and_storm_scenario(target, options, progress)

@@ -1,0 +1,59 @@
+"""`manage.py loadtest` runs and reports (a smoke run of a few seconds; the
+figures themselves are for people to read, never asserted here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_DIR, production_env
+
+
+def loadtest(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "loadtest", "--quick", *arguments],
+        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=240,
+    )
+
+
+@pytest.fixture
+def env(transactional_db: None, tmp_path: Path) -> dict[str, str]:
+    return {**production_env(), "VOICEBOT_DATA_DIR": str(tmp_path)}
+
+
+def test_it_measures_the_project_beside_the_reference_relay(env: dict[str, str], tmp_path: Path) -> None:
+    figures = tmp_path / "figures.json"
+    run = loadtest("--reference", "--json", str(figures), env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Progress while it runs, then the table with the project as multiples of the reference.
+    assert "pairs: offered" in run.stderr and "storm:" in run.stderr
+    assert "project×1 / reference" in run.stdout
+    for figure in ("pairs_rate", "rooms_rate", "fanout_rate", "idle_connects_per_second", "storm_seconds"):
+        assert figure in run.stdout
+    results = json.loads(figures.read_text())["results"]
+    assert set(results) == {"project×1", "reference"}
+    for target in results.values():
+        assert target["pairs_rate"] > 0 and target["idle_kib_per_connection"] is not None
+        assert target["storm_failures"] == 0 and target["pairs_errors"] == 0
+
+
+def test_a_run_compares_with_a_saved_baseline(env: dict[str, str]) -> None:
+    saved = loadtest("--scenarios", "idle", "--save-baseline", "smoke", env=env)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assert "Baseline saved" in saved.stderr
+    # A tolerance so wide that no smoke-run noise counts as a regression.
+    compared = loadtest("--scenarios", "idle", "--compare", "smoke", "--tolerance", "100", env=env)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "Compared with baseline 'smoke'" in compared.stdout
+    assert "project×1 idle_connects_per_second" in compared.stdout
+
+    missing = loadtest("--scenarios", "idle", "--compare", "nonesuch", env=env)
+    assert missing.returncode != 0 and "no baseline 'nonesuch'" in missing.stderr
+
+
+def test_it_refuses_a_server_elsewhere_unless_told(env: dict[str, str]) -> None:
+    run = loadtest("--url", "http://192.0.2.10:8000", env=env)
+    assert run.returncode != 0
+    assert "not on this machine; pass --allow-remote" in run.stderr
