@@ -36,7 +36,8 @@ from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
 
-# Application close codes (daphne only sends 1000 and 3000-4999).
+# Application close codes (daphne, the development server, only sends 1000
+# and 3000-4999; every server sends these).
 CLOSE_BAD_LOBBY_NAME = 4400
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_LOBBY_FULL = 4403
@@ -172,6 +173,10 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(self.group, self.channel_name)
             raise
 
+        # The others hear of this join before this client hears its welcome, so
+        # they know the newcomer when its first offer reaches them (straight
+        # from this connection if they are on this process).
+        await publisher.flush()
         self.peer_id = joined.peer["peer_id"]
         self.name = session.name
         presence.add(self.channel_name, joined.membership_id)
@@ -237,6 +242,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "type": "lobby.deliver",
                 "kind": data["type"],
                 "text": relayed_text(text, data, self.peer_id),
+                "from": self.peer_id,
+                "channel": self.channel_name,
                 "received_at": self.received_at,
             }
             await self.relay("send", self.channel_layer.send(channel, event))
@@ -285,6 +292,11 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         if self.peer_id is None:
             return
         if "text" in event:
+            # Signaling from a peer can overtake the news that it joined (the
+            # one goes straight from its connection, the other through the
+            # lobby's group), and come from a connection it resumed on: its
+            # channel is taken from here too, so the reply is routed.
+            self.peer_channels[event["from"]] = event["channel"]
             metrics.message_delivered(event["kind"], event.get("received_at"))
             await self.send(text_data=event["text"])
         else:

@@ -30,7 +30,8 @@ Event = tuple[str, str, dict[str, Any]]
 class Publisher:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[Event] | None = None
+        # Events, and futures that flush() waits on.
+        self.queue: asyncio.Queue[Event | asyncio.Future] | None = None
 
     def attach(self) -> None:
         """Deliver through the running loop from now on. Call from async code."""
@@ -51,9 +52,25 @@ class Publisher:
             # The server is stopping; waiting for its loop would hang the exit.
             logger.warning("Server stopping; not published: %s", event[2]["type"])
 
-    async def run(self, queue: asyncio.Queue[Event]) -> None:
+    async def flush(self) -> None:
+        """Wait until every event published so far in this process has been
+        handed to the channel layer. Call from async code."""
+        if self.queue is None or self.loop is not asyncio.get_running_loop():
+            return
+        # Events published from threads reach the queue through callbacks
+        # already scheduled on this loop: let them run first.
+        await asyncio.sleep(0)
+        handed_over = self.loop.create_future()
+        self.queue.put_nowait(handed_over)
+        await handed_over
+
+    async def run(self, queue: asyncio.Queue[Event | asyncio.Future]) -> None:
         while True:
-            await deliver(await queue.get())
+            item = await queue.get()
+            if isinstance(item, asyncio.Future):
+                item.set_result(None)
+            else:
+                await deliver(item)
 
 
 async def deliver(event: Event) -> None:

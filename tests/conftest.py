@@ -20,6 +20,7 @@ from channels.layers import channel_layers
 from django.conf import settings
 
 from lobbies import services
+from voicebot.server import uvicorn_command
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,7 @@ def wait_for_http(url: str, timeout: float = 20.0, process: subprocess.Popen | N
 class LiveServer:
     process: subprocess.Popen
     port: int
+    log: Path | None = None
 
     @property
     def http(self) -> str:
@@ -119,9 +121,9 @@ class LiveServer:
                 self.process.wait()
 
 
-def daphne_command(port: int) -> list[str]:
-    """The production command."""
-    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "voicebot.asgi:application"]
+def production_command(port: int) -> list[str]:
+    """The production command of docs/deploying.md."""
+    return uvicorn_command(port)
 
 
 def runserver_command(port: int) -> list[str]:
@@ -130,7 +132,7 @@ def runserver_command(port: int) -> list[str]:
 
 
 def start_server(
-    env: dict[str, str], log_path: Path, command: Callable[[int], list[str]] = daphne_command
+    env: dict[str, str], log_path: Path, command: Callable[[int], list[str]] = production_command
 ) -> LiveServer:
     """Start a server for the project on a free loopback port."""
     port = free_port()
@@ -142,7 +144,7 @@ def start_server(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    server = LiveServer(process=process, port=port)
+    server = LiveServer(process=process, port=port, log=log_path)
     try:
         wait_for_http(f"{server.http}/healthz", process=process)
     except Exception:

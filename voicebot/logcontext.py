@@ -118,6 +118,13 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
             "console": {"class": "logging.StreamHandler", "formatter": fmt, "filters": ["context"]},
         },
         "root": {"handlers": ["console"], "level": level},
+        # uvicorn sets up its own plain-text handler before it loads Django;
+        # this replaces it, so its lines are formatted like everyone else's.
+        # Its access log stays off: voicebot.access logs every request.
+        "loggers": {
+            "uvicorn": {"handlers": ["console"], "level": level, "propagate": False},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
     }
 
 

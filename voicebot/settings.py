@@ -176,8 +176,7 @@ if REDIS_URL:
             # message now and then when another connection of the same process
             # closes while it waits (channels_redis issue 366), and drops
             # messages silently once a connection's queue passes its capacity.
-            # Ours delivers to channels of the same process without Redis.
-            "BACKEND": "lobbies.layers.LocalFirstChannelLayer",
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "voicebot")},
         }
     }

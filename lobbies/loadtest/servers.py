@@ -16,6 +16,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from voicebot.server import uvicorn_command
+
 PROJECT_DIR = Path(settings.BASE_DIR)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -77,7 +79,7 @@ def free_port() -> int:
 
 def server_command(server: str, port: int, application: str) -> list[str]:
     if server == "uvicorn":
-        return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", application]
+        return uvicorn_command(port, application)
     return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), application]
 
 

@@ -30,8 +30,11 @@ LONG_ANSWER = (
 )
 
 
-async def until(condition: Callable[[], object], timeout: float, what: str) -> Any:
-    """Poll `condition` (sync, or async for database reads) until it gives something."""
+async def until(
+    condition: Callable[[], object], timeout: float, what: str, seen: Callable[[], object] = lambda: ""
+) -> Any:
+    """Poll `condition` (sync, or async for database reads) until it gives something;
+    on timeout, say what `seen` shows then."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -39,7 +42,7 @@ async def until(condition: Callable[[], object], timeout: float, what: str) -> A
             result = await result
         if result:
             return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; {seen()}"
         await asyncio.sleep(0.05)
 
 
@@ -70,7 +73,7 @@ async def test_a_person_hears_the_greeting_asks_a_question_hears_the_answer_and_
     added = time.monotonic()
     await sync_to_async(services.bot_add_to_lobby)(bot=bot, lobby=lobby)
 
-    greeting = await until(lambda: alice.loud_since(added), 20, "the greeting")
+    greeting = await until(lambda: alice.loud_since(added), 20, "the greeting", lambda: alice.describe())
     print(f"greeting heard {greeting.at - added:.2f} s after the bot was added")
     await until(lambda: alice.quiet_from(greeting.at), 10, "the greeting to end")
     assert any(chat["text"] == "Hello Alice, I am Ava." for chat in alice.chats)

@@ -104,6 +104,12 @@ class VoiceClient:
             elif frame["type"] == "chat":
                 self.chats.append(frame)
 
+    def describe(self) -> str:
+        """What a failing test should show: the frames received and the peer connections' states."""
+        frames = [f"{frame['type']}{' from ' + frame['from'][:8] if 'from' in frame else ''}" for frame in self.frames]
+        links = {peer_id[:8]: (pc.signalingState, pc.iceConnectionState, pc.connectionState) for peer_id, pc in self.peers.items()}
+        return f"frames received: {frames}; peer connections: {links}"
+
     async def peer_joined(self, peer: dict) -> None:
         # The protocol's rule: of each pair, the smaller peer id offers.
         if self.id < peer["peer_id"]:

@@ -1,5 +1,6 @@
 """The lobby WebSocket protocol, message by message, over the Redis and the in-memory channel layer."""
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,6 +263,28 @@ async def test_signaling_arrives_as_sent_with_extra_fields_and_the_true_sender(
 
     await sender.send_json_to({"type": "ice", "to": bob.id, "candidate": None, "from": "someone-else"})
     assert await receiver.receive() == {"type": "ice", "to": bob.id, "candidate": None, "from": alice.id}
+
+
+async def test_an_answer_reaches_a_peer_whose_offer_came_before_the_news_that_it_joined(
+    connect: Connect, alice: Person
+) -> None:
+    """A newcomer's offer goes straight to its peer, its peer_joined through the
+    lobby's group: the offer may arrive first, and the answer must still get back."""
+    receiver = await connect(alice)
+    layer = get_channel_layer()
+    newcomer_channel = await layer.new_channel()
+    membership = await Membership.objects.aget(session_id=alice.id, left_at__isnull=True)
+    offer = '{"type": "offer", "to": "%s", "sdp": "v=0", "from": "newcomer"}' % alice.id
+    await layer.send(
+        membership.channel_name,
+        {"type": "lobby.deliver", "kind": "offer", "text": offer, "from": "newcomer", "channel": newcomer_channel},
+    )
+    assert await receiver.receive_from() == offer
+
+    await receiver.send_json_to({"type": "answer", "to": "newcomer", "sdp": "v=0 answer"})
+
+    delivered = await asyncio.wait_for(layer.receive(newcomer_channel), 3)
+    assert json.loads(delivered["text"]) == {"type": "answer", "to": "newcomer", "sdp": "v=0 answer", "from": alice.id}
 
 
 async def test_signaling_to_someone_not_in_the_lobby_is_unknown_peer(
