@@ -106,7 +106,7 @@ def start(
     log_dir: Path,
     cpus: set[int] | None,
     reference: bool = False,
-    server: str = "daphne",
+    server: str = "uvicorn",
 ) -> Target:
     """Start `processes` server processes of `application`, each on its own port."""
     target = Target(name=name, urls=[], reference=reference)

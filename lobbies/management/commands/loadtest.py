@@ -48,7 +48,7 @@ class Command(BaseCommand):
         parser.add_argument("--server-pid", action="append", type=int, default=[], help="Pid of a --url server process, for its CPU and memory.")
         parser.add_argument("--allow-remote", action="store_true", help="Allow --url on another machine.")
         parser.add_argument("--processes", default="1", help="Comma-separated process counts to start, e.g. 1,2.")
-        parser.add_argument("--server", choices=["daphne", "uvicorn"], default="daphne", help="ASGI server for the project (the reference runs on daphne).")
+        parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn", help="ASGI server for the project: uvicorn as in production (docs/deploying.md), or daphne. The reference always runs on daphne.")
         parser.add_argument("--reference", action="store_true", help="Also measure the reference relay (needs REDIS_URL).")
         parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIOS), help="Comma-separated: pairs, rooms, fanout, idle.")
         parser.add_argument("--quick", action="store_true", help="A few seconds with a handful of clients (a smoke run).")
@@ -123,7 +123,7 @@ class Command(BaseCommand):
         chosen = []
         for count in [int(value) for value in options["processes"].split(",")]:
             cpus = self.server_cpus(count)
-            name = f"project×{count}" if options["server"] == "daphne" else f"project×{count} ({options['server']})"
+            name = f"project×{count}" if options["server"] == "uvicorn" else f"project×{count} ({options['server']})"
             kind = "Postgres + Redis" if production else "embedded default (SQLite, in-memory layer)"
             chosen.append((
                 f"Project, {count} process(es), {kind}",
@@ -137,7 +137,9 @@ class Command(BaseCommand):
             cpus = self.server_cpus(1)
             chosen.append((
                 "Reference relay (AsyncJsonWebsocketConsumer, group_send on RedisChannelLayer), 1 process",
-                lambda: (servers.start("reference", "lobbies.loadtest.reference:application", 1, env, scratch, cpus, reference=True), cpus),
+                lambda: (servers.start(
+                    "reference", "lobbies.loadtest.reference:application", 1, env, scratch, cpus, reference=True, server="daphne"
+                ), cpus),
             ))
         return chosen
 
