@@ -174,8 +174,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             raise
 
         # The others hear of this join before this client hears its welcome, so
-        # they know the newcomer when its first offer reaches them (straight
-        # from this connection if they are on this process).
+        # they know the newcomer when its first offer reaches them (the offer
+        # goes to a peer's own channel, the news through the lobby's group).
         await publisher.flush()
         self.peer_id = joined.peer["peer_id"]
         self.name = session.name

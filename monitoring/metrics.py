@@ -149,10 +149,14 @@ class DatabasePoolCollector(Collector):
             if stats is None:
                 continue
             size.add_metric([alias], stats.get("pool_size", 0))
-            in_use.add_metric([alias], stats.get("pool_size", 0) - stats.get("pool_available", 0))
+            in_use.add_metric([alias], connections_in_use(stats))
             waiting.add_metric([alias], stats.get("requests_waiting", 0))
             max_size.add_metric([alias], stats.get("pool_max", 0))
         yield from (size, in_use, waiting, max_size)
+
+
+def connections_in_use(stats: dict[str, int]) -> int:
+    return stats.get("pool_size", 0) - stats.get("pool_available", 0)
 
 
 def pool_stats(alias: str) -> dict[str, int] | None:

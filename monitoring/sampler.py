@@ -27,7 +27,7 @@ from bots import metrics as bot_metrics
 from lobbies import cache
 from lobbies import metrics as lobby_metrics
 from monitoring import health, services
-from monitoring.metrics import pool_stats
+from monitoring.metrics import connections_in_use, pool_stats
 from monitoring.samples import COUNTS, HISTOGRAMS, Histogram
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def pool_usage() -> dict[str, float]:
     for alias in settings.DATABASES:
         stats = pool_stats(alias)
         if stats:
-            in_use += stats.get("pool_size", 0) - stats.get("pool_available", 0)
+            in_use += connections_in_use(stats)
             size += stats.get("pool_max", 0)
     return {"db_pool_in_use": in_use, "db_pool_size": size}
 
@@ -116,7 +116,7 @@ class Sampler:
         self.role = role
         self.process = f"{socket.gethostname()}:{os.getpid()}"
         self.previous: dict[str, Any] = {}
-        self.started = time.monotonic()
+        self.last_taken = time.monotonic()
         self.stopped = asyncio.Event()
         self.last_pruned = 0.0
 
@@ -124,8 +124,8 @@ class Sampler:
         """The increases since the previous take."""
         totals = read_totals()
         now = time.monotonic()
-        sample = {"t": time.time(), "process": self.process, "role": self.role, "seconds": now - self.started}
-        self.started = now
+        sample = {"t": time.time(), "process": self.process, "role": self.role, "seconds": now - self.last_taken}
+        self.last_taken = now
         for name, value in totals.items():
             if name in COUNTS:
                 sample[name] = increase(value, self.previous.get(name, 0.0))
@@ -150,7 +150,7 @@ class Sampler:
         interval = settings.MONITORING_SAMPLE_SECONDS
         # The first sample counts from here, not from the process's start-up.
         self.previous = await database_sync_to_async(read_totals)()
-        self.started = time.monotonic()
+        self.last_taken = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self.stopped.wait(), timeout=interval)

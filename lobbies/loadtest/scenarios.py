@@ -15,6 +15,7 @@ from typing import Any
 
 from lobbies.loadtest.clients import LoadClient, Step, Tally, create_lobby, create_sessions
 from lobbies.loadtest.servers import Target
+from lobbies.management.commands.benchjoins import percentile
 
 # What a peer connection's negotiation looks like on the wire: an offer, an
 # answer and a handful of ICE candidates.
@@ -42,11 +43,9 @@ class Options:
     idle_seconds: float = 5.0
 
 
-def percentile(values: list[float], share: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+def latency_ms(latencies: list[float], share: float) -> float | None:
+    """A percentile of latencies in seconds, in milliseconds (share 1.0: the maximum)."""
+    return 1000 * percentile(latencies, share) if latencies else None
 
 
 async def limited(coroutines: list[Coroutine[Any, Any, Any]], in_flight: int) -> list[Any]:
@@ -136,21 +135,21 @@ async def sweep(
         expected = sent * deliveries_per_message
         await drain(step, expected)
         cpu_after = target.cpu_seconds()
+        rss = target.rss_bytes()
         lost = expected - step.received
-        p99 = percentile(step.latencies, 0.99)
-        p99_ms = None if p99 is None else p99 * 1000
+        p99_ms = latency_ms(step.latencies, 0.99)
         offered_enough = elapsed <= 1.1 * options.step_seconds
         passed = lost <= 0 and p99_ms is not None and p99_ms <= options.p99_limit_ms and offered_enough
         figures: Figures = {
             f"{name}_rate": step.received / elapsed,
-            f"{name}_p50_ms": milliseconds(percentile(step.latencies, 0.5)),
-            f"{name}_p95_ms": milliseconds(percentile(step.latencies, 0.95)),
+            f"{name}_p50_ms": latency_ms(step.latencies, 0.5),
+            f"{name}_p95_ms": latency_ms(step.latencies, 0.95),
             f"{name}_p99_ms": p99_ms,
-            f"{name}_max_ms": milliseconds(max(step.latencies, default=None)),
+            f"{name}_max_ms": latency_ms(step.latencies, 1.0),
             f"{name}_server_cpu_percent": None
             if cpu_before is None or cpu_after is None
             else 100 * (cpu_after - cpu_before) / elapsed,
-            f"{name}_server_rss_mib": None if target.rss_bytes() is None else target.rss_bytes() / 2**20,
+            f"{name}_server_rss_mib": None if rss is None else rss / 2**20,
         }
         verdict = "ok" if passed else ("lost messages" if lost > 0 else "p99 too high" if offered_enough else "generator fell behind")
         progress(
@@ -164,10 +163,6 @@ async def sweep(
         best = figures
         rate *= options.growth
     return best
-
-
-def milliseconds(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000
 
 
 def fmt(value: float | None) -> str:
