@@ -3,7 +3,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -48,6 +48,17 @@ CLOSE_LOBBY_CLOSED = 4410
 CLOSE_KICKED = 4008
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
+
+
+# Joins and leaves mostly wait for Postgres to commit. There they run side by
+# side in the default thread pool, each on a pooled connection, instead of one
+# at a time on Channels' single database thread; SQLite takes one writer at a time.
+in_parallel = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+
+
+def roster_work(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """`function` (a join, leave or mute) as a coroutine function, run as described above."""
+    return database_sync_to_async(function, thread_sensitive=not in_parallel)
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -150,7 +161,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # Join the group before the roster is read, so no join in between is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
         try:
-            joined = await database_sync_to_async(services.lobby_join)(
+            joined = await roster_work(services.lobby_join)(
                 lobby_name=self.lobby_name,
                 session=session,
                 channel_name=self.channel_name,
@@ -217,7 +228,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # 1000 is a deliberate leave; anything else is a drop, and the place is
         # kept for the session to resume.
         end = services.lobby_leave if close_code == 1000 else services.lobby_disconnect
-        await database_sync_to_async(end)(
+        await roster_work(end)(
             lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
         )
 
@@ -258,7 +269,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             event = {"type": "lobby.deliver", "frame": frame, "received_at": self.received_at}
             await self.relay("group_send", self.channel_layer.group_send(self.group, event))
         elif isinstance(message, Mute):
-            await database_sync_to_async(services.membership_set_muted)(
+            await roster_work(services.membership_set_muted)(
                 lobby_name=self.lobby_name,
                 session_id=self.peer_id,
                 channel_name=self.channel_name,

@@ -78,5 +78,5 @@ def test_pool_sizes_come_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_redis_url_switches_the_channel_layer_and_cache() -> None:
-    assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
+    assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "lobbies.layers.LocalFirstChannelLayer"
     assert settings.CACHES["default"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache"

@@ -176,7 +176,8 @@ if REDIS_URL:
             # message now and then when another connection of the same process
             # closes while it waits (channels_redis issue 366), and drops
             # messages silently once a connection's queue passes its capacity.
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # Ours delivers to connections of the same process without Redis.
+            "BACKEND": "lobbies.layers.LocalFirstChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "voicebot")},
         }
     }
@@ -231,6 +232,12 @@ configure_tracing()
 VOICEBOT_TOKEN_COOKIE = "voicebot_token"
 # Set it when the site is served over HTTPS.
 VOICEBOT_COOKIE_SECURE = env_bool("VOICEBOT_COOKIE_SECURE")
+
+# WebSocket permessage-deflate under uvicorn, for clients that offer it, on
+# messages of at least VOICEBOT_WS_COMPRESSION_MIN_BYTES
+# (docs/performance.md#compression has the measurement behind the defaults).
+VOICEBOT_WS_COMPRESSION = env_bool("VOICEBOT_WS_COMPRESSION", True)
+VOICEBOT_WS_COMPRESSION_MIN_BYTES = env_int("VOICEBOT_WS_COMPRESSION_MIN_BYTES", 1024)
 
 # STUN/TURN servers handed to clients in `welcome`, as a JSON list of
 # RTCIceServer objects. None works on a LAN and on loopback.

@@ -14,16 +14,19 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import websockets
 
 from lobbies.loadtest.servers import Target
 
 MARKER = re.compile(r"k=(\d+) s=(\d+) t=([0-9.]+)")
-# SDP of a browser's audio-only offer is 3-5 KB; ICE candidates about 200 bytes.
-SDP = ("v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\n" + "a=candidate:1 1 udp 2122260223 192.0.2.1 54321 typ host\r\n" * 70)[:4000]
-CANDIDATE = {"candidate": "candidate:842163049 1 udp 1677729535 192.0.2.1 54321 typ srflx raddr 0.0.0.0 rport 0",
-             "sdpMid": "0", "sdpMLineIndex": 0}
+# Chromium's audio offer, as it created it, with the server-reflexive and relay
+# candidates a browser using STUN and TURN adds: 3.2 KB. Real text matters to
+# the compression figures: synthetic SDP compresses far better.
+SDP = (Path(__file__).parent / "chromium-offer.sdp").read_bytes().decode()
+CANDIDATE = {"candidate": "candidate:3188928557 1 udp 2122194687 192.0.2.2 46589 typ host generation 0 ufrag darm "
+             "network-id 3 network-cost 50", "sdpMid": "0", "sdpMLineIndex": 0, "usernameFragment": "darm"}
 SDP_JSON = json.dumps(SDP)
 CANDIDATE_JSON = json.dumps(CANDIDATE)
 
@@ -43,6 +46,9 @@ class Tally:
 
     steps: dict[int, Step] = field(default_factory=dict)
     errors: Counter = field(default_factory=Counter)
+    # What the server sent to these clients as it went over the wire
+    # (compressed or not, frame headers included).
+    bytes_received: int = 0
 
     def step(self, number: int) -> Step:
         self.steps[number] = Step(number)
@@ -79,6 +85,17 @@ def create_lobby(target: Target, token: str, name: str, size: int) -> None:
         pass
 
 
+class CountingConnection(websockets.ClientConnection):
+    """Counts the bytes the server sends after the handshake, for the compression figures."""
+
+    tally: Tally | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.tally is not None:
+            self.tally.bytes_received += len(data)
+        super().data_received(data)
+
+
 class LoadClient:
     def __init__(self, target: Target, index: int, lobby: str, token: str, tally: Tally) -> None:
         self.target = target
@@ -92,12 +109,19 @@ class LoadClient:
         self.peers_known = 0
         self.reader: asyncio.Task | None = None
 
-    async def connect(self, server_index: int | None = None) -> None:
+    async def connect(self) -> None:
         """Open the lobby WebSocket and wait for the welcome."""
-        url = self.target.ws_url(self.index if server_index is None else server_index, self.lobby, self.token)
+        url = self.target.ws_url(self.index, self.lobby, self.token)
         self.socket = await websockets.connect(
-            url, open_timeout=60, ping_interval=None, compression=None, max_size=2**20, max_queue=None
+            url,
+            open_timeout=60,
+            ping_interval=None,
+            compression="deflate" if self.target.compression else None,
+            max_size=2**20,
+            max_queue=None,
+            create_connection=CountingConnection,
         )
+        self.socket.tally = self.tally
         welcome = json.loads(await asyncio.wait_for(self.socket.recv(), 60))
         if welcome.get("type") != "welcome":
             raise RuntimeError(f"no welcome: {welcome}")

@@ -19,6 +19,7 @@ UNITS = {
     "_loss_at_limit": ("", False),
     "_cpu_percent": ("%", None),
     "_rss_mib": ("MiB", None),
+    "_bytes_per_message": ("B", False),
 }
 
 

@@ -131,6 +131,7 @@ async def sweep(
         number += 1
         step = tally.step(number)
         cpu_before = target.cpu_seconds()
+        bytes_before = tally.bytes_received
         sent, elapsed = await drive(rate / deliveries_per_message, options.step_seconds, lambda i: send(i, number))
         expected = sent * deliveries_per_message
         await drain(step, expected)
@@ -150,6 +151,7 @@ async def sweep(
             if cpu_before is None or cpu_after is None
             else 100 * (cpu_after - cpu_before) / elapsed,
             f"{name}_server_rss_mib": None if rss is None else rss / 2**20,
+            f"{name}_wire_bytes_per_message": (tally.bytes_received - bytes_before) / max(step.received, 1),
         }
         verdict = "ok" if passed else ("lost messages" if lost > 0 else "p99 too high" if offered_enough else "generator fell behind")
         progress(

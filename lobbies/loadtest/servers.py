@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,16 @@ class Target:
     pids: list[int] = field(default_factory=list)
     # The reference relay has no sessions or lobby API.
     reference: bool = False
+    # Whether clients offer permessage-deflate.
+    compression: bool = False
+    # Whether each lobby's clients all use one process (as behind a proxy that
+    # routes by lobby), rather than neighbours using different ones.
+    by_lobby: bool = False
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def ws_url(self, index: int, lobby: str, token: str) -> str:
+        if self.by_lobby:
+            index = zlib.crc32(lobby.encode())
         base = self.urls[index % len(self.urls)].replace("http://", "ws://").replace("https://", "wss://")
         return f"{base}/ws/lobby/{lobby}/" + (f"?token={token}" if token else "")
 

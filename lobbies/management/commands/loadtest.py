@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from lobbies.loadtest import report, scenarios, servers
 from lobbies.loadtest.servers import Target
 
+# A smoke run checks that everything works, not how fast: its latency limit
+# is loose enough for a busy machine.
 QUICK = {"pairs": 5, "rooms": 2, "room_size": 4, "fanout_size": 6, "idle": 20, "step_seconds": 0.5,
-         "start_rate": 20.0, "max_rate": 30.0, "idle_seconds": 0.5}
+         "start_rate": 20.0, "max_rate": 30.0, "idle_seconds": 0.5, "p99_limit_ms": 1000.0}
 
 
 def on_this_machine(url: str) -> bool:
@@ -49,6 +52,8 @@ class Command(BaseCommand):
         parser.add_argument("--allow-remote", action="store_true", help="Allow --url on another machine.")
         parser.add_argument("--processes", default="1", help="Comma-separated process counts to start, e.g. 1,2.")
         parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn", help="ASGI server for the project: uvicorn as in production (docs/deploying.md), or daphne. The reference always runs on daphne.")
+        parser.add_argument("--compression", choices=["off", "on", "both"], default="off", help="WebSocket compression: clients offer permessage-deflate and the servers started have VOICEBOT_WS_COMPRESSION on; both measures each project server without, then with it.")
+        parser.add_argument("--placement", choices=["spread", "lobby"], default="spread", help="With several processes: spread each lobby's clients over them (spread), or keep each lobby on one process, as a proxy routing by lobby does (lobby).")
         parser.add_argument("--reference", action="store_true", help="Also measure the reference relay (needs REDIS_URL).")
         parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIOS), help="Comma-separated: pairs, rooms, fanout, idle.")
         parser.add_argument("--quick", action="store_true", help="A few seconds with a handful of clients (a smoke run).")
@@ -115,22 +120,30 @@ class Command(BaseCommand):
 
     def targets(self, options: dict[str, Any], scratch: Path) -> list[tuple[str, Any]]:
         """(description, start) for each server to measure, started one at a time."""
+        compressions = {"off": [False], "on": [True], "both": [False, True]}[options["compression"]]
         if options["url"]:
-            given = Target(name="server", urls=[url.rstrip("/") for url in options["url"]], pids=options["server_pid"])
+            given = Target(
+                name="server",
+                urls=[url.rstrip("/") for url in options["url"]],
+                pids=options["server_pid"],
+                compression=compressions[-1],
+                by_lobby=options["placement"] == "lobby",
+            )
             return [(f"Measuring {', '.join(given.urls)}", lambda: (given, None))]
         production = settings.DATABASES["default"]["ENGINE"].endswith("postgresql") and bool(settings.REDIS_URL)
         env = self.server_env(production, scratch)
+        kind = "Postgres + Redis" if production else "embedded default (SQLite, in-memory layer)"
         chosen = []
         for count in [int(value) for value in options["processes"].split(",")]:
-            cpus = self.server_cpus(count)
-            name = f"project×{count}" if options["server"] == "uvicorn" else f"project×{count} ({options['server']})"
-            kind = "Postgres + Redis" if production else "embedded default (SQLite, in-memory layer)"
-            chosen.append((
-                f"Project, {count} process(es), {kind}",
-                lambda count=count, cpus=cpus, name=name: (
-                    servers.start(name, "voicebot.asgi:application", count, env, scratch, cpus, server=options["server"]), cpus
-                ),
-            ))
+            for compression in compressions:
+                name = f"project×{count}" + (f" ({options['server']})" if options["server"] != "uvicorn" else "")
+                name += " deflate" if compression else ""
+                name += " by lobby" if count > 1 and options["placement"] == "lobby" else ""
+                described = f"Project, {count} process(es), {kind}" + (", compression on" if compression else "")
+                chosen.append((described, partial(
+                    self.start_project, name, count, {**env, "VOICEBOT_WS_COMPRESSION": str(compression)},
+                    scratch, options["server"], compression, options["placement"] == "lobby",
+                )))
         if options["reference"]:
             if not settings.REDIS_URL:
                 raise CommandError("--reference needs REDIS_URL: the reference relay runs on channels-redis.")
@@ -143,9 +156,21 @@ class Command(BaseCommand):
             ))
         return chosen
 
+    def start_project(
+        self, name: str, count: int, env: dict[str, str], scratch: Path, server: str, compression: bool, by_lobby: bool
+    ) -> tuple[Target, set[int] | None]:
+        cpus = self.server_cpus(count)
+        target = servers.start(name, "voicebot.asgi:application", count, env, scratch, cpus, server=server)
+        target.compression = compression
+        target.by_lobby = by_lobby
+        return target, cpus
+
     def server_env(self, production: bool, scratch: Path) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
+        # Every client comes from this one address, and sends far faster than
+        # a person: the per-address and per-connection limits would refuse them.
+        env["RATE_LIMITS"] = "0"
         if production:
             call_command("migrate", verbosity=0)
             return env
