@@ -29,9 +29,10 @@ from lobbies.cache import invalidate_everywhere, shared
 from lobbies.models import Lobby
 from lobbies.publisher import publisher
 from lobbies.selectors import session_cache_key, token_hash
+from monitoring.services import audit_record
+from voicebot.security import client_address
 
 logger = logging.getLogger(__name__)
-audit_log = logging.getLogger("voicebot.audit")
 
 # Channel-layer group every bot worker listens on.
 WORKERS_GROUP = "bots.workers"
@@ -225,15 +226,15 @@ def turns_prune() -> int:
 
 
 def _audit(action: str, by: AbstractBaseUser | None, assignment: Assignment) -> None:
-    fields = {
-        "action": action,
-        "admin_user": by.get_username() if by else None,
-        "admin_user_id": by.pk if by else None,
-        "bot": assignment.bot.name,
-        "bot_id": assignment.bot_id,
-        "lobby": assignment.lobby.name,
-        "lobby_id": assignment.lobby_id,
-    }
-    who = by.get_username() if by else "system"
-    message = f"{action}: bot {assignment.bot.name} in lobby {assignment.lobby.name} by {who}"
-    transaction.on_commit(partial(audit_log.info, message, extra=fields))
+    """Record the action (monitoring.AuditEvent and the voicebot.audit log) once
+    the transaction that made it has committed; a failure to record it does not undo it."""
+    record = partial(
+        audit_record,
+        action=action,
+        user=by,
+        actor="" if by else "system",
+        ip=client_address.get(),
+        lobby=assignment.lobby.name,
+        detail={"bot": assignment.bot.name, "bot_id": assignment.bot_id, "lobby_id": assignment.lobby_id},
+    )
+    transaction.on_commit(record, robust=True)

@@ -2,9 +2,18 @@ from django import forms
 from django.contrib import admin
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 
 from lobbies import services
-from lobbies.models import LOBBY_PASSWORD_MAX_LENGTH, Lobby, LobbyBan, Membership, Session
+from lobbies.models import (
+    LOBBY_PASSWORD_MAX_LENGTH,
+    ChatMessage,
+    Lobby,
+    LobbyBan,
+    Membership,
+    Session,
+)
 from voicebot.db_router import ChangelistFromReplicaMixin
 
 
@@ -72,7 +81,7 @@ class LobbyAdmin(ChangelistFromReplicaMixin, admin.ModelAdmin):
     list_filter = [LobbyStatusFilter, "private"]
     search_fields = ["name"]
     # A lobby is closed and reopened with the actions, which also disconnect the people in it.
-    readonly_fields = ["created_by", "created_at", "last_active_at", "closed_at", "has_password"]
+    readonly_fields = ["created_by", "created_at", "last_active_at", "closed_at", "has_password", "chat"]
     inlines = [MembershipInline]
     actions = ["close_lobbies", "reopen_lobbies"]
 
@@ -91,6 +100,13 @@ class LobbyAdmin(ChangelistFromReplicaMixin, admin.ModelAdmin):
     @admin.display(description="password", boolean=True)
     def has_password(self, lobby: Lobby) -> bool:
         return lobby.has_password
+
+    @admin.display(description="chat")
+    def chat(self, lobby: Lobby) -> str:
+        if lobby.pk is None:  # a lobby being added has said nothing yet
+            return self.get_empty_value_display()
+        url = reverse("admin:lobbies_chatmessage_changelist") + f"?lobby__id__exact={lobby.pk}"
+        return format_html('<a href="{}">{} messages</a>', url, lobby.chat_messages.count())
 
     def save_model(self, request: HttpRequest, lobby: Lobby, form: LobbyAdminForm, change: bool) -> None:
         if form.cleaned_data["clear_password"]:
@@ -196,4 +212,25 @@ class LobbyBanAdmin(ChangelistFromReplicaMixin, admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: LobbyBan | None = None) -> bool:
+        return False
+
+
+@admin.register(ChatMessage)
+class ChatMessageAdmin(ChangelistFromReplicaMixin, admin.ModelAdmin):
+    """What was said in each lobby, as its members saw it: read here, never written."""
+
+    list_display = ["created_at", "lobby", "author_name", "text"]
+    list_filter = [("lobby", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["text", "author_name", "lobby__name", "=session__id"]
+    date_hierarchy = "created_at"
+    list_select_related = ["lobby"]
+    ordering = ["-id"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ChatMessage | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: ChatMessage | None = None) -> bool:
         return False

@@ -4,7 +4,6 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -16,13 +15,15 @@ from django.conf import settings
 from django.http.cookie import parse_cookie
 from opentelemetry.trace import SpanKind
 
-from lobbies import metrics, services
+from lobbies import metrics, ratelimit, services
 from lobbies.cache import invalidation_listener
 from lobbies.models import LOBBY_NAME_PATTERN
 from lobbies.presence import presence
 from lobbies.protocol import (
+    CHAT_HISTORY_LIMIT,
     SIGNALING_TYPES,
     Chat,
+    ChatHistory,
     Mute,
     Ping,
     ProtocolError,
@@ -30,11 +31,17 @@ from lobbies.protocol import (
     parse_client_message,
 )
 from lobbies.publisher import publisher
-from lobbies.selectors import asession_for_token
+from lobbies.selectors import (
+    asession_for_token,
+    lobby_last_chat_id,
+    member_chat_history,
+)
+from monitoring.services import audit_record
 from voicebot import logcontext
 from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
+audit_log = logging.getLogger("voicebot.audit")
 
 # Application close codes (daphne, the development server, only sends 1000
 # and 3000-4999; every server sends these).
@@ -46,8 +53,13 @@ CLOSE_REPLACED = 4409
 CLOSE_LOBBY_CLOSED = 4410
 # The twin of 1008 (policy violation), which daphne will not send.
 CLOSE_KICKED = 4008
+# Kept sending over its message rate limits: a policy violation too.
+CLOSE_FLOODING = 4008
+# Too many connects from the client's address, like HTTP 429.
+CLOSE_RATE_LIMITED = 4029
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
+NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
 
 
 # Joins and leaves mostly wait for Postgres to commit. There they run side by
@@ -112,6 +124,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     counted_open = False
     # time.time() when the message being handled arrived, for the relay latency.
     received_at = 0.0
+    client_ip: str | None = None
+    message_limits: ratelimit.MessageLimiter
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a
@@ -148,12 +162,25 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # inherit it. It lasts for the connection: channels runs all of a
         # consumer's handlers in one task, and database_sync_to_async copies it.
         logcontext.bind(**logcontext.connection_fields(self.scope), lobby=self.lobby_name)
+        self.client_ip = ratelimit.client_ip(self.scope)
+        # Counted before any database work, which is what a flood of connects costs.
+        retry_after = await ratelimit.ahit(ratelimit.CONNECTS, ratelimit.client_key(self.scope))
+        if retry_after is not None:
+            message = f"{ratelimit.CONNECTS.refusal}; try again in {retry_after} s."
+            await self.reject("rate_limited", message, CLOSE_RATE_LIMITED)
+            return
+        self.message_limits = ratelimit.MessageLimiter()
         if not re.match(LOBBY_NAME_PATTERN, self.lobby_name):
             await self.reject("bad_field", "Lobby names use letters, digits, '-' and '_' only.", CLOSE_BAD_LOBBY_NAME)
             return
-        session = await asession_for_token(connection_token(self.scope))
+        token = connection_token(self.scope)
+        session = await asession_for_token(token)
         if session is None:
             await self.reject("unauthenticated", "No valid session; create one first.", CLOSE_UNAUTHENTICATED)
+            if token:  # a token that names no session, not merely none
+                await database_sync_to_async(audit_record)(
+                    action="token_rejected", ip=self.client_ip, lobby=self.lobby_name
+                )
             return
         logcontext.bind(session_id=session.id)
 
@@ -173,6 +200,15 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         except services.BadPassword:
             # Worded the same whether or not the lobby exists.
             await self.refuse("bad_password", "The password is missing or wrong.", CLOSE_BAD_PASSWORD)
+            # Pages try without a password before they ask for one: only a wrong one is recorded.
+            if connection_password(self.scope):
+                await database_sync_to_async(audit_record)(
+                    action="lobby_password_failed",
+                    session_id=session.id,
+                    actor=session.name,
+                    ip=self.client_ip,
+                    lobby=self.lobby_name,
+                )
             return
         except services.LobbyClosed:
             await self.refuse("lobby_closed", LOBBY_CLOSED_MESSAGE, CLOSE_LOBBY_CLOSED)
@@ -192,6 +228,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         self.name = session.name
         presence.add(self.channel_name, joined.membership_id)
         self.peer_channels = {peer["peer_id"]: channel for peer, channel in joined.peers}
+        last_chat_id = await database_sync_to_async(lobby_last_chat_id)(joined.lobby.pk)
         await self.send_frame(
             {
                 "type": "welcome",
@@ -202,6 +239,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "lobby": {"name": joined.lobby.name, "max_participants": joined.lobby.max_participants},
                 "peers": [peer for peer, _ in joined.peers],
                 "ice_servers": settings.VOICEBOT_ICE_SERVERS,
+                # Where the chat is: a resuming client asks chat_history for what came after its last id.
+                "last_chat_id": last_chat_id,
             }
         )
 
@@ -236,13 +275,38 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         if self.peer_id is None:
             return
         self.received_at = time.time()
+        message_type = None  # until the message parses
         try:
             data, message = parse_client_message(text_data, bytes_data)
-            metrics.message_received(data["type"], len(text_data))
+            message_type = data["type"]
+            if not self.message_limits.allow(message_type):
+                await self.rate_limited()
+                return
+            metrics.message_received(message_type, len(text_data))
             await self.handle(text_data, data, message)
         except ProtocolError as error:
+            # A message that does not parse spends the budget of "other" messages.
+            if message_type is None and not self.message_limits.allow(None):
+                await self.rate_limited()
+                return
             metrics.error_sent(error.code)
             await self.send_frame(error.frame())
+
+    async def rate_limited(self) -> None:
+        """Drop a message over its budget; end the stay of a connection that keeps at it."""
+        if not self.message_limits.refuse():
+            metrics.error_sent("rate_limited")
+            await self.send_frame(error_frame("rate_limited", "Too many messages; this one was dropped."))
+            return
+        audit_log.warning(
+            "Closed a connection that kept sending over its rate limits",
+            extra={"action": "rate_limit_close", "ip": self.client_ip, "session_id": self.peer_id, "lobby": self.lobby_name},
+        )
+        # As on a kick, the others see it leave at once.
+        await database_sync_to_async(services.lobby_leave)(
+            lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
+        )
+        await self.end_with_error("rate_limited", "Too many messages over the rate limits; closing.", CLOSE_FLOODING)
 
     async def handle(self, text: str, data: dict[str, Any], message: Any) -> None:
         if data["type"] in SIGNALING_TYPES:
@@ -259,15 +323,39 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             }
             await self.relay("send", self.channel_layer.send(channel, event))
         elif isinstance(message, Chat):
-            frame = {
-                "type": "chat",
-                "from": self.peer_id,
-                "name": self.name,
-                "text": message.text,
-                "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            }
-            event = {"type": "lobby.deliver", "frame": frame, "received_at": self.received_at}
-            await self.relay("group_send", self.channel_layer.group_send(self.group, event))
+            if "\x00" in message.text:
+                # Postgres cannot store it, and every backend must refuse the same messages.
+                raise ProtocolError("bad_field", "The field 'text' holds a NUL character (U+0000), which chat cannot store.")
+            # Stored first: everyone, the sender too, receives it from the service once it is.
+            try:
+                await database_sync_to_async(services.chat_send)(
+                    lobby_name=self.lobby_name,
+                    session_id=self.peer_id,
+                    channel_name=self.channel_name,
+                    text=message.text,
+                    received_at=self.received_at,
+                )
+            except services.NotInLobby:
+                raise ProtocolError("not_in_lobby", NOT_IN_LOBBY_MESSAGE)
+            except Exception:
+                logger.exception("Could not store a chat message in lobby %s", self.lobby_name)
+                raise ProtocolError("chat_failed", "Your message could not be stored, so no one got it; send it again.")
+        elif isinstance(message, ChatHistory):
+            try:
+                page = await database_sync_to_async(member_chat_history)(
+                    lobby_name=self.lobby_name,
+                    session_id=self.peer_id,
+                    channel_name=self.channel_name,
+                    after=message.after,
+                    limit=CHAT_HISTORY_LIMIT,
+                )
+            except Exception:
+                logger.exception("Could not read the chat history of lobby %s", self.lobby_name)
+                raise ProtocolError("chat_history_failed", "The chat history could not be read; ask again.")
+            if page is None:
+                raise ProtocolError("not_in_lobby", NOT_IN_LOBBY_MESSAGE)
+            messages, more = page
+            await self.send_frame({"type": "chat_history", "messages": messages, "more": more})
         elif isinstance(message, Mute):
             await roster_work(services.membership_set_muted)(
                 lobby_name=self.lobby_name,

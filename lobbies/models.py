@@ -156,3 +156,22 @@ class LobbyBan(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session} banned from {self.lobby} until {self.until:%Y-%m-%d %H:%M}"
+
+
+class ChatMessage(models.Model):
+    """A chat message the server accepted. Its `id` is the cursor clients fetch
+    missed messages after: ids grow in the order messages are stored."""
+
+    lobby = models.ForeignKey(Lobby, on_delete=models.CASCADE, related_name="chat_messages")
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="chat_messages")
+    # The author's name when it was sent: that is what everyone saw.
+    author_name = models.CharField(max_length=64)
+    text = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["lobby", "id"], name="chat_history")]
+
+    def __str__(self) -> str:
+        return f"{self.author_name} in {self.lobby_id}: {self.text[:40]}"

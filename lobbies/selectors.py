@@ -1,8 +1,8 @@
 """Reads of sessions and lobbies, shaped the way the API and protocol send them."""
 
 import hashlib
-from datetime import datetime
-from typing import TypedDict
+from datetime import UTC, datetime
+from typing import Any, TypedDict
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -11,7 +11,7 @@ from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from lobbies import cache
-from lobbies.models import Lobby, Membership, Session
+from lobbies.models import ChatMessage, Lobby, Membership, Session
 from voicebot.db_router import read_from_replica
 
 
@@ -185,3 +185,47 @@ def lobby_ban_until(lobby: Lobby, session: Session) -> datetime | None:
 def cache_no_bans(lobby: Lobby) -> None:
     """A lobby just created has no bans: its first joins need not ask."""
     cache.local.set(bans_cache_key(lobby.pk), {})
+
+
+def chat_frame(message: ChatMessage) -> dict[str, Any]:
+    """A stored chat message as clients receive it, live and in chat_history."""
+    return {
+        "type": "chat",
+        "id": message.pk,
+        "from": str(message.session_id),
+        "name": message.author_name,
+        "text": message.text,
+        "ts": message.created_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+
+
+def chat_history(lobby: Lobby | int, after: int | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """Up to `limit` of the lobby's chat messages after the id `after` (from
+    the oldest kept if None), oldest first, and whether more follow."""
+    messages = ChatMessage.objects.filter(lobby=lobby).order_by("id")
+    if after is not None:
+        messages = messages.filter(id__gt=after)
+    page = list(messages[: limit + 1])
+    return [chat_frame(message) for message in page[:limit]], len(page) > limit
+
+
+def member_chat_history(
+    *, lobby_name: str, session_id: str, channel_name: str, after: int | None, limit: int
+) -> tuple[list[dict[str, Any]], bool] | None:
+    """chat_history for the connection holding the session's place in the
+    lobby; None if it holds none (only members may read a lobby's chat)."""
+    lobby_id = (
+        Membership.objects.filter(
+            lobby__name=lobby_name, session_id=session_id, channel_name=channel_name, left_at__isnull=True
+        )
+        .values_list("lobby_id", flat=True)
+        .first()
+    )
+    if lobby_id is None:
+        return None
+    return chat_history(lobby_id, after, limit)
+
+
+def lobby_last_chat_id(lobby: Lobby | int) -> int | None:
+    """The id of the lobby's newest chat message, None if it has none."""
+    return ChatMessage.objects.filter(lobby=lobby).order_by("-id").values_list("id", flat=True).first()

@@ -6,7 +6,6 @@ relay what they receive; they never publish state changes themselves.
 """
 
 import hashlib
-import logging
 import math
 import secrets
 import uuid
@@ -24,9 +23,11 @@ from django.db.models import Q
 from django.utils import timezone
 
 from lobbies import selectors
-from lobbies.models import Lobby, LobbyBan, Membership, Session
+from lobbies.models import ChatMessage, Lobby, LobbyBan, Membership, Session
 from lobbies.publisher import publisher
 from lobbies.selectors import Peer, peer_of, token_hash
+from monitoring.services import audit_record
+from voicebot.security import client_address
 
 
 class LobbyNameTaken(Exception):
@@ -51,10 +52,6 @@ class SessionKicked(Exception):
     def __init__(self, seconds_left: int) -> None:
         super().__init__(f"may rejoin in {seconds_left} s")
         self.seconds_left = seconds_left
-
-
-# One record per administrator action, for whoever has to answer "who did that?".
-audit_log = logging.getLogger("voicebot.audit")
 
 
 @dataclass
@@ -456,14 +453,55 @@ def _lock_live_membership(membership_id: int) -> tuple[Lobby, Membership] | None
 
 
 def _audit(action: str, by: AbstractBaseUser, lobby: Lobby, session_ids: list[str]) -> None:
-    """Log the action once the transaction that made it has committed."""
-    fields = {
-        "action": action,
-        "admin_user": by.get_username(),
-        "admin_user_id": by.pk,
-        "lobby": lobby.name,
-        "lobby_id": lobby.pk,
-        "session_ids": session_ids,
-    }
-    message = f"{action}: lobby {lobby.name} by {by.get_username()}, sessions {', '.join(session_ids) or 'none'}"
-    transaction.on_commit(partial(audit_log.info, message, extra=fields))
+    """One record per administrator action, for whoever has to answer "who did
+    that?": an AuditEvent and a voicebot.audit line, once the transaction that
+    made the change has committed (a failure to record it does not undo it)."""
+    record = partial(
+        audit_record,
+        action=action,
+        user=by,
+        ip=client_address.get(),
+        lobby=lobby.name,
+        detail={"lobby_id": lobby.pk, "session_ids": session_ids},
+    )
+    transaction.on_commit(record, robust=True)
+
+
+# Chat. Every message is stored before anyone receives it, so a client that
+# missed some (it was reconnecting) fetches them with chat_history.
+
+
+class NotInLobby(Exception):
+    """The connection holds no place in the lobby (any more)."""
+
+
+def chat_send(
+    *, lobby_name: str, session_id: str, channel_name: str, text: str, received_at: float | None = None
+) -> ChatMessage:
+    """Store a chat message from the connection holding the session's place in
+    the lobby, then send it to everyone in the lobby, the sender included: the
+    sender's own copy, which carries the message's id, is its acknowledgement.
+
+    Raises NotInLobby if the connection holds no place; should the message not
+    be stored, whatever the database raises, and no one receives it.
+    `received_at` (time.time() when it arrived) is for the delivery latency metric.
+    """
+    membership = (
+        Membership.objects.select_related("session")
+        .filter(lobby__name=lobby_name, session_id=session_id, channel_name=channel_name, left_at__isnull=True)
+        .first()
+    )
+    if membership is None:
+        raise NotInLobby(lobby_name)
+    message = ChatMessage.objects.create(
+        lobby_id=membership.lobby_id, session_id=membership.session_id, author_name=membership.session.name, text=text
+    )
+    publish(lobby_name, {"type": "lobby.deliver", "frame": selectors.chat_frame(message), "received_at": received_at})
+    return message
+
+
+def chat_prune() -> int:
+    """Delete chat messages older than CHAT_RETENTION_DAYS. Returns how many went."""
+    cutoff = timezone.now() - timedelta(days=settings.CHAT_RETENTION_DAYS)
+    deleted, _ = ChatMessage.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

@@ -11,19 +11,21 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
 from django.views.decorators.http import require_GET
 
-from lobbies import selectors, services
+from lobbies import ratelimit, selectors, services
 from lobbies.models import LOBBY_NAME_PATTERN, LOBBY_PASSWORD_MAX_LENGTH, Session
+from monitoring.services import audit_record
 
 MAX_NAME_LENGTH = 64
 MAX_BODY_BYTES = 16 * 1024
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str) -> JsonResponse:
@@ -48,11 +50,26 @@ def api_view(*methods: str):
             try:
                 return view(request, *args, **kwargs)
             except ApiError as error:
-                return error_response(error.status, error.code, error.message)
+                response = error_response(error.status, error.code, error.message)
+                for name, value in error.headers.items():
+                    response[name] = value
+                return response
 
         return wrapper
 
     return decorator
+
+
+def enforce_rate_limit(limit: ratelimit.Limit, key: str | None) -> None:
+    """Counts an attempt by `key`; 429 when it is over the limit."""
+    retry_after = ratelimit.hit(limit, key)
+    if retry_after is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"{limit.refusal}; try again in {retry_after} s.",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 def json_body(request: HttpRequest) -> dict[str, Any]:
@@ -65,6 +82,8 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
         data = json.loads(request.body)
     except ValueError:
         raise ApiError(400, "bad_json", "The body is not valid JSON.")
+    except RecursionError:
+        raise ApiError(400, "bad_json", "The body is nested too deeply.")
     if not isinstance(data, dict):
         raise ApiError(400, "bad_json", "The body must be a JSON object.")
     return data
@@ -78,14 +97,19 @@ def bearer_token(request: HttpRequest) -> str:
 def authenticate(request: HttpRequest, *, required: bool) -> Session | None:
     """The session behind a bearer token or, with Django's CSRF check, the cookie."""
     token = bearer_token(request)
+    ip = ratelimit.client_ip(request)
     if not token:
         token = request.COOKIES.get(settings.VOICEBOT_TOKEN_COOKIE, "")
         if token and request.method not in ("GET", "HEAD", "OPTIONS"):
             rejection = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
             if rejection is not None:
+                audit_record(action="csrf_rejected", ip=ip, detail={"path": request.path})
                 raise ApiError(403, "csrf_failed", "Cookie-authenticated requests need a CSRF token.")
     session = selectors.session_for_token(token)
     if session is None and required:
+        # Only here: the landing page lists lobbies with whatever token its tab kept, stale or not.
+        if token:
+            audit_record(action="token_rejected", ip=ip, detail={"path": request.path})
         raise ApiError(401, "unauthenticated", "Create a session first, or send its token as a bearer token.")
     return session
 
@@ -98,8 +122,20 @@ def clean_display_name(value: Any) -> str:
         raise ApiError(400, "missing_field", "'name' must not be empty.")
     if len(name) > MAX_NAME_LENGTH:
         raise ApiError(400, "bad_field", f"'name' may be at most {MAX_NAME_LENGTH} characters.")
-    if any(unicodedata.category(char).startswith("C") for char in name):
-        raise ApiError(400, "bad_field", "'name' must not contain control characters.")
+    # Names are shown to everyone in a room: nothing that hides or reorders
+    # text, and nothing a careless page could take for markup.
+    for char in name:
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise ApiError(400, "bad_field", "'name' must not contain control characters.")
+        if category == "Cf":
+            raise ApiError(
+                400, "bad_field", "'name' must not contain invisible formatting characters (bidi or zero-width)."
+            )
+        if category.startswith("C"):
+            raise ApiError(400, "bad_field", "'name' must not contain surrogate, private-use or unassigned code points.")
+        if char in "<>":
+            raise ApiError(400, "bad_field", "'name' must not contain '<' or '>'.")
     return name
 
 
@@ -120,6 +156,8 @@ def session_json(session: Session) -> dict[str, Any]:
 
 @api_view("POST")
 def session_create(request: HttpRequest) -> HttpResponse:
+    # Every attempt counts, so the limit also bounds probing with bad requests.
+    enforce_rate_limit(ratelimit.SESSIONS, ratelimit.client_key(request))
     data = json_body(request)
     if "name" not in data:
         raise ApiError(400, "missing_field", "'name' is required.")
@@ -148,10 +186,12 @@ def session_resume(request: HttpRequest) -> HttpResponse:
 @api_view("GET", "POST")
 def lobby_collection(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
+        limit = list_limit(request)
         viewer = authenticate(request, required=False)
-        return JsonResponse({"lobbies": selectors.lobby_list(viewer=viewer)})
+        return JsonResponse({"lobbies": selectors.lobby_list(viewer=viewer)[:limit]})
 
     creator = authenticate(request, required=True)
+    enforce_rate_limit(ratelimit.LOBBIES, str(creator.id))
     data = json_body(request)
     name = data.get("name")
     if name is None:
@@ -167,7 +207,9 @@ def lobby_collection(request: HttpRequest) -> HttpResponse:
         raise ApiError(400, "bad_field", f"'max_participants' must be a whole number from 1 to {limit}.")
     password = data.get("password")
     if "password" in data and (
-        not isinstance(password, str) or not 1 <= len(password) <= LOBBY_PASSWORD_MAX_LENGTH
+        not isinstance(password, str)
+        or not 1 <= len(password) <= LOBBY_PASSWORD_MAX_LENGTH
+        or not is_unicode(password)
     ):
         raise ApiError(400, "bad_field", f"'password' must be 1 to {LOBBY_PASSWORD_MAX_LENGTH} characters of text.")
     try:
@@ -179,9 +221,34 @@ def lobby_collection(request: HttpRequest) -> HttpResponse:
     return JsonResponse(selectors.lobby_summary(lobby, participant_count=0), status=201)
 
 
+def list_limit(request: HttpRequest) -> int:
+    """`?limit=`: how many lobbies to list, at most LOBBY_LIST_LIMIT (also the default)."""
+    most = settings.LOBBY_LIST_LIMIT
+    raw = request.GET.get("limit")
+    if raw is None:
+        return most
+    digits = raw.lstrip("0")
+    if not (raw.isascii() and raw.isdigit() and digits):
+        raise ApiError(400, "bad_field", "'limit' must be a whole number from 1 up.")
+    # A long number is over the cap whatever it is, and is not converted.
+    return most if len(digits) > len(str(most)) else min(int(digits), most)
+
+
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's "\\ud800"), which is no text."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @api_view("GET")
 def lobby_detail(request: HttpRequest, name: str) -> HttpResponse:
-    lobby = selectors.lobby_detail(name=name, password=request.headers.get("X-Lobby-Password", ""))
+    # A name no lobby can have is not looked up (the database refuses some, such as NUL).
+    lobby = None
+    if re.match(LOBBY_NAME_PATTERN, name):
+        lobby = selectors.lobby_detail(name=name, password=request.headers.get("X-Lobby-Password", ""))
     if lobby is None:
         raise ApiError(404, "not_found", "No lobby has that name.")
     return JsonResponse(lobby)

@@ -3,7 +3,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from monitoring.models import AlertEvent, AlertRule
+from monitoring.models import AlertEvent, AlertRule, AuditEvent
 
 
 @admin.register(AlertRule)
@@ -45,3 +45,26 @@ class AlertEventAdmin(admin.ModelAdmin):
         return format_html(
             '<a href="{}">{}</a>', reverse("admin:monitoring_alertrule_change", args=[event.rule_id]), event.rule.name
         )
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The security audit log: read-only, kept AUDIT_RETENTION_DAYS days.
+    Names and details are shown as text (the admin escapes them): they come from users."""
+
+    list_display = ["created_at", "action", "actor", "session_id", "ip", "lobby", "detail"]
+    list_filter = ["action", "created_at"]
+    date_hierarchy = "created_at"
+    search_fields = ["ip", "actor", "session_id", "lobby"]
+    readonly_fields = ["created_at", "action", "user", "actor", "session_id", "ip", "lobby", "detail"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        # Only the retention pruning removes events, so nobody can cover their tracks.
+        return False
+

@@ -1,4 +1,4 @@
-"""Dashboard samples and alert rules.
+"""Dashboard samples, alert rules and the security audit log.
 
 Every server and bot worker process writes a sample of its own numbers every
 MONITORING_SAMPLE_SECONDS (monitoring/sampler.py). Samples go to Redis when
@@ -6,6 +6,7 @@ REDIS_URL is set and to the Sample table otherwise (monitoring/samples.py);
 the dashboard and the alert rules read them back for the whole deployment.
 """
 
+from django.conf import settings
 from django.core.validators import URLValidator
 from django.db import models
 from django.utils import timezone
@@ -110,3 +111,30 @@ class AlertEvent(models.Model):
 
     def __str__(self) -> str:
         return self.message
+
+
+class AuditEvent(models.Model):
+    """A security-relevant action: an administrator's action on a lobby or bot,
+    or a refused attempt (wrong password, unknown token, foreign origin, ...).
+    Written by monitoring.services.audit_record; kept AUDIT_RETENTION_DAYS days."""
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    action = models.CharField(max_length=64, db_index=True)
+    # Who: an administrator, or a participant's session, or nobody known.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    session_id = models.UUIDField(null=True, blank=True, db_index=True)
+    # The user name or display name at the time, kept when the user or session is gone.
+    actor = models.CharField(max_length=150, blank=True)
+    ip = models.GenericIPAddressField("IP address", null=True, blank=True)
+    # A name, not a key: the event outlives the lobby.
+    lobby = models.CharField(max_length=64, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["action", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor or 'unknown'} from {self.ip or 'unknown'}"

@@ -1,27 +1,32 @@
-"""Writes of the monitoring app: samples, alert rule states and their events.
+"""Writes of the monitoring app: samples, alert rule states and their events,
+and the security audit log (audit_record).
 
 alerts_evaluate is the only place alerts fire or resolve; it logs each change
 and POSTs it to the rule's webhook after the transaction commits.
 """
 
 import datetime
+import ipaddress
 import json
 import logging
 import threading
 import urllib.request
+import uuid
 from functools import partial
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from monitoring.models import METRICS, AlertEvent, AlertRule
+from monitoring.models import METRICS, AlertEvent, AlertRule, AuditEvent
 from monitoring.samples import SERIES, aggregate, retention_start, store
 
 logger = logging.getLogger(__name__)
 alert_log = logging.getLogger("voicebot.alerts")
+audit_log = logging.getLogger("voicebot.audit")
 
 METRIC_LABELS = dict(METRICS)
 WEBHOOK_TIMEOUT_SECONDS = 5
@@ -32,12 +37,14 @@ def sample_record(*, sample: dict[str, Any]) -> None:
 
 
 def monitoring_prune(*, now: datetime.datetime | None = None) -> None:
-    """Drops samples past MONITORING_RETENTION_HOURS and alert events past MONITORING_EVENT_RETENTION_DAYS."""
+    """Drops samples past MONITORING_RETENTION_HOURS, alert events past
+    MONITORING_EVENT_RETENTION_DAYS and audit events past AUDIT_RETENTION_DAYS."""
     now = now or timezone.now()
     store().prune(retention_start(now.timestamp()))
     AlertEvent.objects.filter(
         created_at__lt=now - datetime.timedelta(days=settings.MONITORING_EVENT_RETENTION_DAYS)
     ).delete()
+    AuditEvent.objects.filter(created_at__lt=now - datetime.timedelta(days=settings.AUDIT_RETENTION_DAYS)).delete()
 
 
 def current_values(now: datetime.datetime) -> dict[str, float | None] | None:
@@ -142,3 +149,58 @@ def webhook_post(url: str, payload: dict[str, Any]) -> None:
             response.read()
     except Exception as error:
         logger.warning("Alert webhook for %s failed: %s", payload["alert"], error)
+
+
+# Attributes every log record has: a detail key among them would make
+# logging raise, so it goes out prefixed instead.
+LOG_RECORD_ATTRIBUTES = {*logging.makeLogRecord({}).__dict__, "message", "asctime"}
+
+
+def ip_address_or_none(value: str | None) -> str | None:
+    """The address in canonical form; None for none, or for what a server on a
+    Unix socket or a test client reports instead of an address."""
+    try:
+        return str(ipaddress.ip_address(value)) if value else None
+    except ValueError:
+        return None
+
+
+def audit_record(
+    *,
+    action: str,
+    user: AbstractBaseUser | None = None,
+    session_id: uuid.UUID | str | None = None,
+    actor: str = "",
+    ip: str | None = None,
+    lobby: str = "",
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Record a security-relevant action: who (an administrator, or a session and
+    its display name), from where (the client's IP address), what, in which lobby.
+
+    Writes an AuditEvent and logs a line on "voicebot.audit" whose fields are
+    the event's, with detail's keys at the top level. Call it from sync code,
+    from a consumer through database_sync_to_async, and for a change made in a
+    transaction from transaction.on_commit, so that a change rolled back leaves no event.
+    """
+    actor = actor or (user.get_username() if user is not None else "")
+    detail = detail or {}
+    ip = ip_address_or_none(ip)
+    fields = {
+        **{f"detail_{key}" if key in LOG_RECORD_ATTRIBUTES else key: value for key, value in detail.items()},
+        "action": action,
+        "actor": actor,
+        "admin_user": user.get_username() if user is not None else None,
+        "admin_user_id": user.pk if user is not None else None,
+        "session_id": str(session_id) if session_id else None,
+        "ip": ip,
+        "lobby": lobby or None,
+    }
+    # What is unknown is left out, so the connection's bound context (logcontext) can fill it in.
+    fields = {name: value for name, value in fields.items() if value is not None}
+    where = f" in lobby {lobby}" if lobby else ""
+    # Logged first: if the database is what failed, the line still tells.
+    audit_log.info("%s: %s from %s%s", action, actor or "unknown", ip or "unknown address", where, extra=fields)
+    return AuditEvent.objects.create(
+        action=action, user=user, session_id=session_id or None, actor=actor, ip=ip, lobby=lobby, detail=detail
+    )

@@ -1,17 +1,21 @@
-"""Per-request context: the request ID for logs and the response, and the request's span."""
+"""Per-request context (the request ID for logs and the response, the client's
+address for the audit log, the request's span) and the Content-Security-Policy header."""
 
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import Token
 
 from asgiref.sync import iscoroutinefunction
+from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse
 from django.utils.decorators import sync_and_async_middleware
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from voicebot import logcontext
+from lobbies.ratelimit import client_ip
+from voicebot import logcontext, security
 from voicebot.tracing import header_carrier, tracer
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -72,6 +76,7 @@ def request_context_middleware(
 ) -> Callable:
     """Binds the request ID (the caller's X-Request-ID if acceptable, else a new
     one) for the request's logs, echoes it in the response, and traces the request.
+    It also keeps the client's address for audit events (security.client_address).
 
     Under ASGI the binding is left in place when the middleware returns: Django
     runs each request in a task of its own (a sync chain's context is copied
@@ -80,12 +85,15 @@ def request_context_middleware(
     request after another, so there it is undone.
     """
 
-    def begin(request: HttpRequest) -> tuple[str, object, trace.Span]:
+    def begin(request: HttpRequest) -> tuple[str, tuple[Token, Token], trace.Span]:
         request._voicebot_started = time.monotonic()  # type: ignore[attr-defined]
         request_id = logcontext.request_id_from(request.headers.get(REQUEST_ID_HEADER))
-        token = logcontext.bind(request_id=request_id)
+        tokens = (
+            logcontext.bind(request_id=request_id),
+            security.client_address.set(client_ip(request)),
+        )
         span = _start_span(request, request_id)
-        return request_id, token, span
+        return request_id, tokens, span
 
     def finish(request: HttpRequest, response: HttpResponse, request_id: str, span: trace.Span) -> HttpResponse:
         _end_span(span, request, response)
@@ -104,13 +112,37 @@ def request_context_middleware(
     else:
 
         def middleware(request: HttpRequest) -> HttpResponse:
-            request_id, token, span = begin(request)
+            request_id, (log_token, address_token), span = begin(request)
             try:
                 with trace.use_span(span, end_on_exit=False):
                     response = get_response(request)
                 return finish(request, response, request_id, span)
             finally:
                 if not isinstance(request, ASGIRequest):
-                    logcontext.unbind(token)
+                    logcontext.unbind(log_token)
+                    security.client_address.reset(address_token)
+
+    return middleware
+
+
+@sync_and_async_middleware
+def content_security_policy_middleware(
+    get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]],
+) -> Callable:
+    """Sends VOICEBOT_CONTENT_SECURITY_POLICY with every response that sets none of its own."""
+
+    def finish(response: HttpResponse) -> HttpResponse:
+        response.headers.setdefault("Content-Security-Policy", settings.VOICEBOT_CONTENT_SECURITY_POLICY)
+        return response
+
+    if iscoroutinefunction(get_response):
+
+        async def middleware(request: HttpRequest) -> HttpResponse:
+            return finish(await get_response(request))
+
+    else:
+
+        def middleware(request: HttpRequest) -> HttpResponse:
+            return finish(get_response(request))
 
     return middleware

@@ -53,10 +53,20 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 DEBUG = env_bool("DJANGO_DEBUG")
 
 
+# Keys printed in documentation and by Django's startproject: anyone who has
+# read them could forge signed values, so a deployment refuses them.
+PLACEHOLDER_SECRET_KEYS = {"replace-with-a-long-random-value", "change-me", "changeme", "secret"}
+
+
 def load_secret_key() -> str:
     """The embedded default keeps its own key so sessions survive restarts."""
     key = os.environ.get("DJANGO_SECRET_KEY", "")
-    if key:
+    if key.strip():
+        if DATABASE_URL and (key.strip() in PLACEHOLDER_SECRET_KEYS or key.startswith("django-insecure-")):
+            raise ImproperlyConfigured(
+                "DJANGO_SECRET_KEY is a placeholder, not a secret; generate one with "
+                '`python -c "import secrets; print(secrets.token_urlsafe(50))"`.'
+            )
         return key
     if DATABASE_URL:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DATABASE_URL is set.")
@@ -72,6 +82,16 @@ SECRET_KEY = load_secret_key()
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+# A deployment (DATABASE_URL set) refuses to start in states fit only for a
+# developer's machine (the secret key is checked by load_secret_key).
+if DATABASE_URL and DEBUG:
+    raise ImproperlyConfigured(
+        "DJANGO_DEBUG must be off when DATABASE_URL is set: debug pages show settings and code to anyone."
+    )
+# Set but blank is a deployment template gone wrong, not a wish for the loopback default.
+if DATABASE_URL and "DJANGO_ALLOWED_HOSTS" in os.environ and not env_list("DJANGO_ALLOWED_HOSTS", []):
+    raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS is empty: name the host(s) the site is served on.")
 
 INSTALLED_APPS = [
     "daphne",
@@ -93,6 +113,7 @@ MIDDLEWARE = [
     # Before the others, so their logs carry the request ID and its span covers them.
     "voicebot.middleware.request_context_middleware",
     "django.middleware.security.SecurityMiddleware",
+    "voicebot.middleware.content_security_policy_middleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -239,6 +260,28 @@ VOICEBOT_COOKIE_SECURE = env_bool("VOICEBOT_COOKIE_SECURE")
 VOICEBOT_WS_COMPRESSION = env_bool("VOICEBOT_WS_COMPRESSION", True)
 VOICEBOT_WS_COMPRESSION_MIN_BYTES = env_int("VOICEBOT_WS_COMPRESSION_MIN_BYTES", 1024)
 
+# Response headers and cookies (docs/deploying.md#security). No page script
+# reads a cookie, so all are HttpOnly; all are SameSite=Lax, and Secure when
+# the site is served over HTTPS.
+SESSION_COOKIE_SECURE = VOICEBOT_COOKIE_SECURE
+CSRF_COOKIE_SECURE = VOICEBOT_COOKIE_SECURE
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Django sends HSTS only on HTTPS requests; off until the operator has HTTPS
+# working, because browsers remember it for this long.
+SECURE_HSTS_SECONDS = env_int("VOICEBOT_HSTS_SECONDS", 0)
+# The pages load scripts and styles from static files only; inline script and
+# script from other sites do not run. 'self' covers the lobby WebSocket.
+VOICEBOT_CONTENT_SECURITY_POLICY = os.environ.get("VOICEBOT_CONTENT_SECURITY_POLICY") or (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "media-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
 # STUN/TURN servers handed to clients in `welcome`, as a JSON list of
 # RTCIceServer objects. None works on a LAN and on loopback.
 try:
@@ -255,6 +298,8 @@ LOBBY_LIST_LIMIT = env_int("LOBBY_LIST_LIMIT", 100)
 LOBBY_RESUME_GRACE_SECONDS = env_int("LOBBY_RESUME_GRACE_SECONDS", 30)
 # How long a session an administrator kicked out of a lobby may not rejoin it.
 LOBBY_KICK_SECONDS = env_int("LOBBY_KICK_SECONDS", 300)
+# Chat messages older than this are deleted by `manage.py prunechat`.
+CHAT_RETENTION_DAYS = env_int("CHAT_RETENTION_DAYS", 30)
 # How often each server process records that its connections are alive, and
 # ends the stays of participants who did not come back in time.
 PRESENCE_INTERVAL_SECONDS = env_int("PRESENCE_INTERVAL_SECONDS", 5)
@@ -267,6 +312,37 @@ LOCAL_CACHE_TTL_SECONDS = env_int("LOCAL_CACHE_TTL_SECONDS", 60)
 ROSTER_CACHE_SECONDS = env_int("ROSTER_CACHE_SECONDS", 300)
 if not 1 <= LOBBY_DEFAULT_MAX_PARTICIPANTS <= LOBBY_MAX_PARTICIPANTS_LIMIT:
     raise ImproperlyConfigured("LOBBY_DEFAULT_MAX_PARTICIPANTS must be from 1 to LOBBY_MAX_PARTICIPANTS_LIMIT.")
+
+# --- rate limits (lobbies/ratelimit.py) ---------------------------------------
+
+# Off only for load tests from one machine.
+RATE_LIMITS = env_bool("RATE_LIMITS", default=True)
+# Proxies (comma-separated CIDRs) whose X-Forwarded-For names the client; empty: none.
+VOICEBOT_TRUSTED_PROXIES = env_list("VOICEBOT_TRUSTED_PROXIES", [])
+for _network in VOICEBOT_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"VOICEBOT_TRUSTED_PROXIES: {error}")
+# Per WebSocket connection: a budget of messages at once, refilled by so many
+# a second. A browser joining a full room of 50 sends an offer or answer and
+# dozens of ICE candidates to each of the others within a second or two.
+RATE_LIMIT_SIGNALING_BURST = env_int("RATE_LIMIT_SIGNALING_BURST", 3000)
+RATE_LIMIT_SIGNALING_PER_SECOND = env_int("RATE_LIMIT_SIGNALING_PER_SECOND", 100)
+RATE_LIMIT_CHAT_BURST = env_int("RATE_LIMIT_CHAT_BURST", 10)
+RATE_LIMIT_CHAT_PER_SECOND = env_int("RATE_LIMIT_CHAT_PER_SECOND", 1)
+# mute, ping, and messages that are malformed or of an unknown type.
+RATE_LIMIT_OTHER_BURST = env_int("RATE_LIMIT_OTHER_BURST", 30)
+RATE_LIMIT_OTHER_PER_SECOND = env_int("RATE_LIMIT_OTHER_PER_SECOND", 3)
+# This many rate_limited errors within the window close the connection (4008).
+RATE_LIMIT_CLOSE_AFTER = env_int("RATE_LIMIT_CLOSE_AFTER", 50)
+RATE_LIMIT_CLOSE_WINDOW_SECONDS = env_int("RATE_LIMIT_CLOSE_WINDOW_SECONDS", 10)
+# Per client address (IPv6: per /64) and per session, over any sliding minute,
+# counted across all processes in the cache. Generous: many people may share
+# one address behind a NAT.
+RATE_LIMIT_CONNECTS_PER_MINUTE = env_int("RATE_LIMIT_CONNECTS_PER_MINUTE", 600)
+RATE_LIMIT_SESSIONS_PER_MINUTE = env_int("RATE_LIMIT_SESSIONS_PER_MINUTE", 120)
+RATE_LIMIT_LOBBIES_PER_MINUTE = env_int("RATE_LIMIT_LOBBIES_PER_MINUTE", 10)
 
 # --- bots ------------------------------------------------------------------
 
@@ -315,6 +391,9 @@ MONITORING_SAMPLES_KEY = os.environ.get("MONITORING_SAMPLES_KEY", "voicebot:moni
 # Alert rules judge the deployment over this trailing window, each time a sample is stored.
 MONITORING_ALERT_WINDOW_SECONDS = env_int("MONITORING_ALERT_WINDOW_SECONDS", 60)
 MONITORING_EVENT_RETENTION_DAYS = env_int("MONITORING_EVENT_RETENTION_DAYS", 30)
+# Security audit events (monitoring.AuditEvent) older than this are deleted
+# with the samples (monitoring.services.monitoring_prune).
+AUDIT_RETENTION_DAYS = env_int("AUDIT_RETENTION_DAYS", 90)
 
 # --- metrics ------------------------------------------------------------------
 

@@ -64,6 +64,8 @@ SECRET_LOBBY = "e2e-secret"
 SECRET_PASSWORD = "open sesame & süß"
 WRONG_PASSWORD = "open says me"
 CHAT_TEXT = "Hello Bob <b>not bold</b> & welcome"
+# Sent while Bob is away: his page fetches it when he is back.
+MISSED_CHAT_TEXT = "Said while you were away"
 DELIVERY_FAILED = {"type": "error", "code": "delivery_failed", "message": "That peer cannot receive messages right now."}
 
 SERVER_START_TIMEOUT = 30
@@ -523,12 +525,21 @@ def bob_drops(pages: dict[str, Page], ids: dict[str, str], results: dict) -> Non
             "drop_bob_shows_reconnecting",
             lambda: expect(bob.locator("#connection-status")).to_contain_text("Reconnecting… (attempt"),
         )
+        alice.fill("#chat-input", MISSED_CHAT_TEXT)
+        alice.press("#chat-input", "Enter")
+        # Her own copy back is the server's word that it is stored.
+        expect(alice.locator("#chat-log .chat-text", has_text=MISSED_CHAT_TEXT)).to_have_count(1)
         for who, page in pages.items():
             save_screenshot(page, f"dropped-{who}")
     finally:
         bob.unroute(resume)
     wait_until_connected(bob, "Bob", timeout_ms=RECONNECT_TIMEOUT * 1000)
     check(results, "drop_alice_sees_bob_back", lambda: shows_connected_peer(alice, ids["bob"], "Bob"))
+    check(
+        results,
+        "drop_bob_fetched_missed_chat_once",
+        lambda: expect(bob.locator("#chat-log .chat-text", has_text=MISSED_CHAT_TEXT)).to_have_count(1),
+    )
     first = wait_for_audio(pages, newer_than=serials, timeout=RECONNECT_TIMEOUT)
     for who in pages:
         results[f"drop_{who}_to_audio_ms"] = first[who]["now"] - dropped

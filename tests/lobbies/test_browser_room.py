@@ -65,6 +65,7 @@ def test_two_people_talk_and_chat_in_a_room():
     # Bob's connection drops: Alice sees him reconnecting, then back.
     assert results["drop_alice_sees_bob_reconnecting"] and results["drop_bob_shows_reconnecting"]
     assert results["drop_alice_sees_bob_back"] and results["drop_bob_same_peer_id"]
+    assert results["drop_bob_fetched_missed_chat_once"]
     for who in ("alice", "bob"):
         assert results[f"drop_{who}_peer_states"] == ["connected"]
         assert results[f"drop_{who}_bytes_after"] > results[f"drop_{who}_bytes_before"] > 0

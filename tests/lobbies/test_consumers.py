@@ -11,7 +11,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 
-from lobbies.models import Lobby, Membership
+from lobbies.models import ChatMessage, Lobby, Membership
 from lobbies.protocol import MAX_MESSAGE_BYTES
 from lobbies.services import lobby_group
 from tests.conftest import Person, set_channel_capacity
@@ -92,6 +92,7 @@ async def test_welcome_describes_the_lobby_and_the_others(connect: Connect, alic
         "lobby": {"name": "room", "max_participants": 12},
         "peers": [{"peer_id": alice.id, "name": "Alice", "bot": False, "muted": False, "state": "connected"}],
         "ice_servers": [],
+        "last_chat_id": None,
     }
 
 
@@ -324,10 +325,11 @@ async def test_chat_reaches_everyone_including_the_sender(connect: Connect, alic
 
     await sender.send_json_to({"type": "chat", "text": "  hello there  "})
 
-    for client in (sender, other):
-        frame = await client.receive()
+    frames = [await client.receive() for client in (sender, other)]
+    stored = await ChatMessage.objects.aget()
+    for frame in frames:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", frame.pop("ts"))
-        assert frame == {"type": "chat", "from": alice.id, "name": "Alice", "text": "hello there"}
+        assert frame == {"type": "chat", "id": stored.pk, "from": alice.id, "name": "Alice", "text": "hello there"}
 
 
 async def test_mute_is_seen_by_everyone_and_kept(connect: Connect, alice: Person, bob: Person) -> None:

@@ -102,6 +102,10 @@
     participants: new Map(), // peer_id -> {peer_id, name, bot, muted, state}, oneself included
     links: new Map(), // peer_id -> {peerId, serial, pc, pendingCandidates, queue, audio, closed}
     meters: new Map(), // peer_id -> {source, analyser, samples, loudUntil}
+    // The newest chat id shown (or, before any, the room's at our first
+    // welcome); after a resume, what came after it is fetched with chat_history.
+    lastChatId: null,
+    chatIds: new Set(), // ids of the chat messages shown, so none is shown twice
   };
   let audioContext = null;
 
@@ -442,6 +446,7 @@
     answer: (frame) => signal(frame.from, (link) => acceptAnswer(link, frame.sdp)),
     ice: (frame) => signal(frame.from, (link) => addRemoteCandidate(link, frame.candidate)),
     chat: showChat,
+    chat_history: onChatHistory,
     error: onServerError,
   };
 
@@ -458,6 +463,7 @@
     }
     state.welcomes += 1;
     state.reconnectAttempt = 0;
+    catchUpChat(frame.last_chat_id);
     state.selfId = frame.peer_id;
     state.iceServers = frame.ice_servers || [];
     // Whoever left while we were away is gone; the others are shown as the server sees them now.
@@ -492,6 +498,8 @@
       // The addressed peer's inbox is full for the moment. The error does not say
       // which peer, so there is nothing to retry; the note explains a silent link.
       showNotice("A message to another participant couldn't be delivered; if you can't hear someone, rejoin.");
+    } else if (frame.code === 'chat_failed') {
+      showNotice("Your last chat message couldn't be sent; send it again.");
     }
   }
 
@@ -897,9 +905,32 @@
 
   // --- Chat -----------------------------------------------------------------
 
+  // A page joining starts at the room's newest message; a resumed one asks
+  // for the messages it missed, if the room has any newer than ours.
+  function catchUpChat(roomLastId) {
+    if (typeof roomLastId !== 'number') return;
+    if (state.welcomes === 1 && state.lastChatId === null) {
+      state.lastChatId = roomLastId;
+    } else if (roomLastId > (state.lastChatId ?? 0)) {
+      send({ type: 'chat_history', after: state.lastChatId });
+    }
+  }
+
+  // The server sends at most 100 at a time, oldest first; we ask on after the last.
+  function onChatHistory(frame) {
+    for (const message of frame.messages) showChat(message);
+    if (frame.more && frame.messages.length > 0) {
+      send({ type: 'chat_history', after: frame.messages[frame.messages.length - 1].id });
+    }
+  }
+
   function showChat(frame) {
+    if (state.chatIds.has(frame.id)) return;
+    state.chatIds.add(frame.id);
+    state.lastChatId = Math.max(frame.id, state.lastChatId ?? 0);
     const log = $('chat-log');
     const item = $('chat-message-template').content.firstElementChild.cloneNode(true);
+    item.dataset.chatId = String(frame.id);
     const time = item.querySelector('.chat-time');
     item.classList.toggle('own', frame.from === state.selfId);
     item.querySelector('.chat-name').textContent = frame.name;
@@ -908,7 +939,12 @@
     item.querySelector('.chat-text').textContent = frame.text;
     // Follow new messages only if the reader has not scrolled up to read older ones.
     const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-    log.append(item);
+    // Fetched messages can come after newer ones that arrived live: each goes in its place.
+    const newest = log.lastElementChild;
+    const later = newest && Number(newest.dataset.chatId) > frame.id
+      ? [...log.children].find((other) => Number(other.dataset.chatId) > frame.id)
+      : null;
+    log.insertBefore(item, later);
     if (atBottom) log.scrollTop = log.scrollHeight;
   }
 
