@@ -3,7 +3,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -31,17 +31,12 @@ from lobbies.protocol import (
     parse_client_message,
 )
 from lobbies.publisher import publisher
-from lobbies.selectors import (
-    asession_for_token,
-    lobby_last_chat_id,
-    member_chat_history,
-)
+from lobbies.selectors import asession_for_token, member_chat_history
 from monitoring.services import audit_record
 from voicebot import logcontext
 from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
-audit_log = logging.getLogger("voicebot.audit")
 
 # Application close codes (daphne, the development server, only sends 1000
 # and 3000-4999; every server sends these).
@@ -60,17 +55,6 @@ CLOSE_RATE_LIMITED = 4029
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
-
-
-# Joins and leaves mostly wait for Postgres to commit. There they run side by
-# side in the default thread pool, each on a pooled connection, instead of one
-# at a time on Channels' single database thread; SQLite takes one writer at a time.
-in_parallel = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
-
-
-def roster_work(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """`function` (a join, leave or mute) as a coroutine function, run as described above."""
-    return database_sync_to_async(function, thread_sensitive=not in_parallel)
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -188,7 +172,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # Join the group before the roster is read, so no join in between is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
         try:
-            joined = await roster_work(services.lobby_join)(
+            joined = await database_sync_to_async(services.lobby_join)(
                 lobby_name=self.lobby_name,
                 session=session,
                 channel_name=self.channel_name,
@@ -228,7 +212,6 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         self.name = session.name
         presence.add(self.channel_name, joined.membership_id)
         self.peer_channels = {peer["peer_id"]: channel for peer, channel in joined.peers}
-        last_chat_id = await database_sync_to_async(lobby_last_chat_id)(joined.lobby.pk)
         await self.send_frame(
             {
                 "type": "welcome",
@@ -240,7 +223,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 "peers": [peer for peer, _ in joined.peers],
                 "ice_servers": settings.VOICEBOT_ICE_SERVERS,
                 # Where the chat is: a resuming client asks chat_history for what came after its last id.
-                "last_chat_id": last_chat_id,
+                "last_chat_id": joined.last_chat_id,
             }
         )
 
@@ -267,7 +250,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # 1000 is a deliberate leave; anything else is a drop, and the place is
         # kept for the session to resume.
         end = services.lobby_leave if close_code == 1000 else services.lobby_disconnect
-        await roster_work(end)(
+        await database_sync_to_async(end)(
             lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
         )
 
@@ -298,9 +281,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             metrics.error_sent("rate_limited")
             await self.send_frame(error_frame("rate_limited", "Too many messages; this one was dropped."))
             return
-        audit_log.warning(
-            "Closed a connection that kept sending over its rate limits",
-            extra={"action": "rate_limit_close", "ip": self.client_ip, "session_id": self.peer_id, "lobby": self.lobby_name},
+        await database_sync_to_async(audit_record)(
+            action="rate_limit_close", session_id=self.peer_id, actor=self.name, ip=self.client_ip, lobby=self.lobby_name
         )
         # As on a kick, the others see it leave at once.
         await database_sync_to_async(services.lobby_leave)(
@@ -357,7 +339,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             messages, more = page
             await self.send_frame({"type": "chat_history", "messages": messages, "more": more})
         elif isinstance(message, Mute):
-            await roster_work(services.membership_set_muted)(
+            await database_sync_to_async(services.membership_set_muted)(
                 lobby_name=self.lobby_name,
                 session_id=self.peer_id,
                 channel_name=self.channel_name,

@@ -13,7 +13,7 @@ from lobbies.protocol import MAX_MESSAGE_BYTES
 
 # The client message types of lobbies/protocol.py, and the server's own frames
 # that go through lobby_deliver (chat is both).
-MESSAGE_TYPES = frozenset({"offer", "answer", "ice", "chat", "mute", "ping"})
+MESSAGE_TYPES = frozenset({"offer", "answer", "ice", "chat", "chat_history", "mute", "ping"})
 
 # Every error code the server sends (lobbies/protocol.py and lobbies/consumers.py).
 ERROR_CODES = frozenset(
@@ -31,13 +31,17 @@ ERROR_CODES = frozenset(
         "lobby_closed",
         "kicked",
         "replaced",
+        "rate_limited",
+        "not_in_lobby",
+        "chat_failed",
+        "chat_history_failed",
     }
 )
 
 # Standard WebSocket codes a client or daphne may close with, plus the
 # application codes of lobbies/consumers.py. Anything else counts as "other".
 CLOSE_CODES = frozenset(
-    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4008, 4400, 4401, 4403, 4409, 4410}
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4008, 4029, 4400, 4401, 4403, 4409, 4410}
 )
 
 # Latency buckets for work that should take milliseconds.

@@ -61,6 +61,9 @@ class JoinResult:
     peer: Peer
     # The others already in the lobby, each with the channel that reaches it.
     peers: list[tuple[Peer, str]]
+    # The newest chat message's id (None if none): chat after it reaches the
+    # connection through the lobby's group, which it joined before.
+    last_chat_id: int | None
 
 
 def lobby_group(lobby_name: str) -> str:
@@ -185,6 +188,7 @@ def _join(*, lobby_name: str, session: Session, channel_name: str, password: str
         membership_id=membership.pk,
         peer=peer,
         peers=[(entry["peer"], entry["channel"]) for entry in others],
+        last_chat_id=None if created else selectors.lobby_last_chat_id(lobby),
     )
 
 

@@ -17,6 +17,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client, RequestFactory
 
 from lobbies import ratelimit
+from monitoring.models import AuditEvent
 from tests.conftest import LiveServer, Person, make_person, set_channel_capacity
 from voicebot.asgi import application
 
@@ -111,7 +112,7 @@ async def test_a_sustained_flood_closes_the_connection_with_4008(
     assert (await listener.receive())["type"] == "peer_joined"
 
     # Malformed messages spend the budget of "other" messages like pings do.
-    with caplog.at_level(logging.WARNING, logger="voicebot.audit"):
+    with caplog.at_level(logging.INFO, logger="voicebot.audit"):
         for _ in range(50):
             await flooder.send_to(text_data="not json at all")
         frames, code = await flooder.frames_until_closed()
@@ -125,6 +126,8 @@ async def test_a_sustained_flood_closes_the_connection_with_4008(
     assert await listener.receive() == {"type": "pong"}
     [record] = [record for record in caplog.records if record.name == "voicebot.audit"]
     assert (record.action, record.session_id, record.lobby) == ("rate_limit_close", bob.id, "room")
+    recorded = AuditEvent.objects.filter(action="rate_limit_close", session_id=bob.id, lobby="room").exists
+    assert await database_sync_to_async(recorded)()
 
 
 async def test_joining_a_ten_person_room_is_never_rate_limited(join: Join) -> None:

@@ -15,7 +15,7 @@ import numpy
 import pytest
 import redis
 from django.contrib.auth.models import User
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from monitoring.models import AlertRule
 from tests.conftest import PROJECT_DIR, LiveClient, LiveServer
@@ -106,7 +106,7 @@ def test_staff_see_every_process_and_a_low_threshold_rule_go_critical(servers: l
         page.locator("#events li", has_text="firing").first.wait_for(timeout=WAIT_MS)
 
         # Both processes have reported, and the charts the traffic moved have points.
-        page.wait_for_function("document.getElementById('process-count').textContent === '2'", timeout=WAIT_MS)
+        expect(page.locator("#process-count")).to_have_text("2", timeout=WAIT_MS)
         for chart in ("requests", "latency", "websockets", "signaling", "relay", "cpu", "memory", "dbpool", "cache"):
             assert chart_points(page, chart) > 0, chart
         data = page.evaluate(
