@@ -109,9 +109,9 @@ class LoadClient:
         self.peers_known = 0
         self.reader: asyncio.Task | None = None
 
-    async def connect(self) -> None:
-        """Open the lobby WebSocket and wait for the welcome."""
-        url = self.target.ws_url(self.index, self.lobby, self.token)
+    async def connect(self, server_index: int | None = None) -> None:
+        """Open the lobby WebSocket (on process `server_index` if given) and wait for the welcome."""
+        url = self.target.ws_url(self.index if server_index is None else server_index, self.lobby, self.token)
         self.socket = await websockets.connect(
             url,
             open_timeout=60,

@@ -31,11 +31,12 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lobbies.loadtest.clients import LoadClient, Tally, create_sessions
+from lobbies.loadtest.scenarios import latency_ms, limited
 from lobbies.loadtest.servers import Target
 
 # What a peer connection's negotiation looks like on the wire.
@@ -181,13 +182,6 @@ class Report:
         return failed
 
 
-def percentile_ms(latencies: list[float], share: float) -> float | None:
-    if not latencies:
-        return None
-    ordered = sorted(latencies)
-    return 1000 * ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
-
-
 def label(interval: Interval) -> str:
     return "join" if interval.end == 0 else f"{interval.start:g}-{interval.end:g} s"
 
@@ -198,16 +192,6 @@ def mib(value: int | None) -> str:
 
 def ms(value: float | None) -> str:
     return "–" if value is None else f"{value:,.1f}"
-
-
-async def limited(coroutines: list[Coroutine[Any, Any, Any]], in_flight: int) -> list[Any]:
-    gate = asyncio.Semaphore(in_flight)
-
-    async def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
-        async with gate:
-            return await coroutine
-
-    return await asyncio.gather(*(run(coroutine) for coroutine in coroutines), return_exceptions=True)
 
 
 class Soak:
@@ -451,7 +435,7 @@ class Soak:
             self.progress(
                 f"  {label(interval):>8}  connected {interval.connected}/{self.options.clients}  "
                 f"sent {self.totals['signals'] + self.totals['chats']:,}  received {self.totals['delivered']:,}  "
-                f"lost {self.totals['lost']}  p99 {ms(percentile_ms(interval.latencies, 0.99))} ms  "
+                f"lost {self.totals['lost']}  p99 {ms(latency_ms(interval.latencies, 0.99))} ms  "
                 f"errors {interval.errors}  RSS {mib(interval.rss)} MiB"
             )
             self.printed += 1
@@ -539,8 +523,8 @@ def summary(report: Report) -> str:
         rows.append([
             label(interval), f"{interval.connected}", f"{interval.signals:,}",
             f"{interval.chats:,}", f"{interval.drops:,}", f"{interval.delivered:,}", f"{interval.late:,}", f"{interval.lost:,}",
-            f"{interval.excused:,}", f"{interval.absent:,}", ms(percentile_ms(interval.latencies, 0.5)),
-            ms(percentile_ms(interval.latencies, 0.99)), ms(percentile_ms(interval.latencies, 1.0)),
+            f"{interval.excused:,}", f"{interval.absent:,}", ms(latency_ms(interval.latencies, 0.5)),
+            ms(latency_ms(interval.latencies, 0.99)), ms(latency_ms(interval.latencies, 1.0)),
             f"{interval.errors}", mib(interval.rss),
         ])
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
@@ -560,7 +544,7 @@ def summary(report: Report) -> str:
         memory_verdict = "not judged (server memory unknown: give --server-pid)"
     else:
         memory_verdict = "ok" if growth < options.max_growth else "FAILED"
-    p99s = " ".join(ms(percentile_ms(interval.latencies, 0.99)) for interval in report.intervals)
+    p99s = " ".join(ms(latency_ms(interval.latencies, 0.99)) for interval in report.intervals)
     breakdown = ", ".join(f"{code} {count}" for code, count in sorted(report.errors.items()))
     lines = [
         f"Soak run: {options.clients} clients in {options.lobbies} lobbies, {report.processes} server process(es), "
@@ -605,9 +589,9 @@ def as_json(report: Report) -> dict[str, Any]:
                 "lost": interval.lost,
                 "excused": interval.excused,
                 "absent": interval.absent,
-                "p50_ms": percentile_ms(interval.latencies, 0.5),
-                "p99_ms": percentile_ms(interval.latencies, 0.99),
-                "max_ms": percentile_ms(interval.latencies, 1.0),
+                "p50_ms": latency_ms(interval.latencies, 0.5),
+                "p99_ms": latency_ms(interval.latencies, 0.99),
+                "max_ms": latency_ms(interval.latencies, 1.0),
                 "errors": interval.errors,
                 "rss_bytes": interval.rss,
             }

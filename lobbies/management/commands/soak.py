@@ -9,10 +9,8 @@ import os
 import tempfile
 import time
 from dataclasses import fields
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.management import call_command
@@ -20,18 +18,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from lobbies.loadtest import servers, soak
 from lobbies.loadtest.servers import Target
+from lobbies.management.commands.loadtest import on_this_machine
 
 TRACEBACK = "Traceback (most recent call last)"
-
-
-def on_this_machine(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Command(BaseCommand):
