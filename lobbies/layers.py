@@ -38,6 +38,11 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
             return
         await layer.send(channel, message)
 
+    async def send_through_redis(self, channel: str, message: dict[str, Any]) -> None:
+        """send(), but out to Redis and back even for a channel of this process:
+        the readiness check's round trip."""
+        await self._get_layer().send(channel, message)
+
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         layer = self._get_layer()
         for channel in layer.groups.get(layer._get_group_channel_name(group), ()):
