@@ -11,11 +11,13 @@ import json
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import websockets
+from playwright.sync_api import Browser, sync_playwright
 from channels.layers import channel_layers
 from django.conf import settings
 
@@ -244,6 +246,20 @@ class LiveClient:
         """Leave (1000) or, with another code, drop the connection as a lost network would."""
         if self.socket is not None:
             await self.socket.close(code=code)
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """Opened after the test's database work: Playwright's sync API runs an
+    event loop in this thread, where the ORM refuses to work."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            headless=True,
+            args=["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
+        )
+        yield browser
+        browser.close()
 
 
 def run_browser_scenario(scenario: Path, timeout: float) -> dict:

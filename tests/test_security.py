@@ -6,18 +6,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from lobbies.models import Lobby
-from tests.conftest import LiveServer, Person, embedded_env
+from tests.conftest import LiveServer, Person, chromium, embedded_env
 from tests.test_settings import load_settings
 
 PRODUCTION = {"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/voicebot", "DJANGO_SECRET_KEY": "a-real-secret"}
@@ -183,20 +182,6 @@ def test_a_cookie_post_with_the_csrf_token_and_a_bearer_post_are_accepted(alice:
     )
 
     assert (with_cookie.status_code, with_bearer.status_code) == (201, 201)
-
-
-@contextmanager
-def chromium() -> Iterator[Browser]:
-    """Opened after the test's database work: Playwright's sync API runs an
-    event loop in this thread, where the ORM refuses to work."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            headless=True,
-            args=["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
-        )
-        yield browser
-        browser.close()
 
 
 def watched_page(browser: Browser, console: list[str]) -> Page:

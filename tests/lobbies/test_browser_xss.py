@@ -9,34 +9,19 @@ the landing page would have stored it.
 """
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from django.contrib.auth import get_user_model
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from lobbies import services
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, chromium
 
 PAYLOAD = "<img src=x onerror=window.__xss=1>"
 CHAT_PAYLOAD = "<script>window.__xss=2</script><img src=y onerror=window.__xss=3>"
 # What the payloads would add to the page if they were taken for markup.
 INJECTED_ELEMENTS = "img[src=x], img[src=y], script"
 WAIT_MS = 20_000
-
-
-@contextmanager
-def chromium() -> Iterator[Browser]:
-    """Opened after the test's database work: Playwright's sync API runs an
-    event loop in this thread, where the ORM refuses to work."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            headless=True,
-            args=["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
-        )
-        yield browser
-        browser.close()
 
 
 def enter_room(browser: Browser, server: LiveServer, lobby: str, name: str = "", session: dict | None = None) -> Page:

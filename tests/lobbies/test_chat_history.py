@@ -4,7 +4,7 @@ or the server restarted) fetches them with chat_history."""
 
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -17,27 +17,12 @@ from django.utils import timezone
 from lobbies.models import ChatMessage, Lobby, Membership, Session
 from lobbies.protocol import CHAT_HISTORY_LIMIT, MAX_SAFE_INTEGER
 from tests.conftest import LiveClient, LiveServer, Person
-from tests.lobbies.test_consumers import Client, joined
+from tests.lobbies.test_consumers import Client
 
 pytestmark = pytest.mark.django_db(transaction=True)
 over_both_layers = pytest.mark.usefixtures("channel_layer")
 
 Connect = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Connect]:
-    """Join a lobby as a person; the clients still open at the end are closed."""
-    clients: list[Client] = []
-
-    async def join(person: Person, lobby: str = "room") -> Client:
-        client = await joined(person, lobby)
-        clients.append(client)
-        return client
-
-    yield join
-    for client in clients:
-        await client.disconnect()
 
 
 async def next_frame(client: Client | LiveClient, frame_type: str) -> dict:
