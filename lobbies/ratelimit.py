@@ -217,9 +217,9 @@ def hit(limit: Limit, key: str | None, now: float | None = None) -> int | None:
     A key of None (no address known) and a failing cache are not limited: a
     Redis outage must not lock everyone out.
     """
-    per_minute = limit.per_minute
-    if not per_minute or key is None or not counters.available():
+    if not counted(limit, key):
         return None
+    per_minute = limit.per_minute
     now = time.time() if now is None else now
     window, elapsed = divmod(now, WINDOW_SECONDS)
     prefix = f"voicebot:ratelimit:{limit.name}:{key}:"
@@ -234,11 +234,17 @@ def hit(limit: Limit, key: str | None, now: float | None = None) -> int | None:
     return retry_after(per_minute, previous, current, elapsed)
 
 
+def counted(limit: Limit, key: str | None) -> bool:
+    """Whether an attempt by `key` is counted against `limit` at all."""
+    return bool(limit.per_minute) and key is not None and counters.available()
 
 
 async def ahit(limit: Limit, key: str | None) -> int | None:
     """hit() for async code, in a worker thread: the cache's async methods are no
-    use here, as BaseCache.aincr reads and then writes, which is not atomic."""
+    use here, as BaseCache.aincr reads and then writes, which is not atomic.
+    What is not counted costs no thread hop."""
+    if not counted(limit, key):
+        return None
     return await sync_to_async(hit, thread_sensitive=False)(limit, key)
 
 

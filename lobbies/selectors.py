@@ -78,6 +78,13 @@ def live_memberships(lobby: Lobby) -> QuerySet[Membership]:
     return lobby.memberships.filter(left_at__isnull=True).select_related("session")
 
 
+def connection_membership(*, lobby_name: str, session_id: str, channel_name: str) -> QuerySet[Membership]:
+    """The live membership one connection holds in a lobby: a row or none."""
+    return Membership.objects.filter(
+        lobby__name=lobby_name, session_id=session_id, channel_name=channel_name, left_at__isnull=True
+    )
+
+
 class RosterEntry(TypedDict):
     peer: Peer
     # The channel that reaches the peer's connection.
@@ -215,9 +222,7 @@ def member_chat_history(
     """chat_history for the connection holding the session's place in the
     lobby; None if it holds none (only members may read a lobby's chat)."""
     lobby_id = (
-        Membership.objects.filter(
-            lobby__name=lobby_name, session_id=session_id, channel_name=channel_name, left_at__isnull=True
-        )
+        connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
         .values_list("lobby_id", flat=True)
         .first()
     )

@@ -351,14 +351,9 @@ def _set_muted(lobby: Lobby, membership: Membership, muted: bool) -> None:
 def _live_membership(lobby_name: str, session_id: str, channel_name: str) -> Membership | None:
     """The membership held by one connection, locked for the rest of the transaction."""
     return (
-        Membership.objects.select_related("session")
+        selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
+        .select_related("session")
         .select_for_update(of=("self",))
-        .filter(
-            lobby__name=lobby_name,
-            session_id=session_id,
-            channel_name=channel_name,
-            left_at__isnull=True,
-        )
         .first()
     )
 
@@ -491,8 +486,8 @@ def chat_send(
     `received_at` (time.time() when it arrived) is for the delivery latency metric.
     """
     membership = (
-        Membership.objects.select_related("session")
-        .filter(lobby__name=lobby_name, session_id=session_id, channel_name=channel_name, left_at__isnull=True)
+        selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
+        .select_related("session")
         .first()
     )
     if membership is None:

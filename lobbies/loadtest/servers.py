@@ -79,6 +79,16 @@ class Target:
                 process.kill()
 
 
+def server_env() -> dict[str, str]:
+    """The environment of the servers the load test and the soak run start."""
+    env = dict(os.environ)
+    env.setdefault("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
+    # Every client comes from this one address, and sends far faster than
+    # a person: the per-address and per-connection limits would refuse them.
+    env["RATE_LIMITS"] = "0"
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

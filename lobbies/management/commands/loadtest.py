@@ -166,11 +166,7 @@ class Command(BaseCommand):
         return target, cpus
 
     def server_env(self, production: bool, scratch: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.setdefault("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
-        # Every client comes from this one address, and sends far faster than
-        # a person: the per-address and per-connection limits would refuse them.
-        env["RATE_LIMITS"] = "0"
+        env = servers.server_env()
         if production:
             call_command("migrate", verbosity=0)
             return env

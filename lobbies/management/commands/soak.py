@@ -5,7 +5,6 @@ explains the loss rule and the output."""
 
 import asyncio
 import json
-import os
 import tempfile
 import time
 from dataclasses import fields
@@ -106,11 +105,7 @@ class Command(BaseCommand):
         if not settings.DATABASES["default"]["ENGINE"].endswith("postgresql") or not settings.REDIS_URL:
             raise CommandError("The soak run starts servers on Postgres and Redis: set DATABASE_URL and REDIS_URL.")
         call_command("migrate", verbosity=0)
-        env = dict(os.environ)
-        env.setdefault("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
-        # The per-address limits would turn away a thousand clients from one
-        # address; a real deployment sees them from many.
-        env["RATE_LIMITS"] = "0"
+        env = servers.server_env()
         self.progress(f"Starting {options['processes']} server process(es) on Postgres + Redis, RATE_LIMITS=0")
         return servers.start("soak", "voicebot.asgi:application", options["processes"], env, scratch, None)
 
