@@ -183,7 +183,9 @@ def _claim(assignment: Assignment, worker_id: int, now: datetime) -> Claim:
     session = assignment.session
     old_key = session_cache_key(session.token_hash)
     session.token_hash = token_hash(token)
-    session.save(update_fields=["token_hash"])
+    # A new token is a use: a bot idle for SESSION_IDLE_DAYS gets one that works.
+    session.last_seen_at = now
+    session.save(update_fields=["token_hash", "last_seen_at"])
     # The old token must stop working everywhere, not only where it was cached.
     transaction.on_commit(partial(_forget_session_key, old_key))
     Assignment.objects.filter(pk=assignment.pk).update(

@@ -29,6 +29,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import caches
 
+from lobbies.layers import RESUBSCRIBED
+
 logger = logging.getLogger(__name__)
 
 INVALIDATION_GROUP = "voicebot.cache-invalidation"
@@ -183,7 +185,11 @@ class InvalidationListener:
                 logger.exception("Cache invalidation listener failed; retrying")
                 await asyncio.sleep(1)
                 continue
-            local.forget(*message["keys"])
+            if message["type"] == RESUBSCRIBED:
+                # Back from a Redis outage, during which invalidations were missed.
+                local.clear()
+            else:
+                local.forget(*message["keys"])
 
 
 invalidation_listener = InvalidationListener()

@@ -31,9 +31,10 @@ from lobbies.protocol import (
     parse_client_message,
 )
 from lobbies.publisher import publisher
-from lobbies.selectors import asession_for_token, member_chat_history
+from lobbies.selectors import asession_for_token, member_chat_history, member_roster
 from monitoring.services import audit_record
 from voicebot import logcontext
+from voicebot.middleware import DATABASE_UNAVAILABLE
 from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,15 @@ CLOSE_KICKED = 4008
 CLOSE_FLOODING = 4008
 # Too many connects from the client's address, like HTTP 429.
 CLOSE_RATE_LIMITED = 4029
+# The database cannot be reached (restart, failover), like HTTP 503.
+CLOSE_UNAVAILABLE = 4503
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
+UNAVAILABLE_MESSAGE = "The service is temporarily unavailable; try again in a few seconds."
+# How many ids of chat messages sent to a connection it remembers, so that a
+# catch-up after a Redis outage sends none twice.
+CHAT_IDS_REMEMBERED = 200
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -110,6 +117,24 @@ class LobbyConsumer(AsyncWebsocketConsumer):
     received_at = 0.0
     client_ip: str | None = None
     message_limits: ratelimit.MessageLimiter
+    # Every chat message up to chat_floor, and those in chat_ids above it, reached the client.
+    chat_floor = 0
+    chat_ids: set[int]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as error:
+            if hasattr(self, "channel_name"):
+                raise
+            # The channel layer could not give this connection a channel (Redis
+            # is away): say so, as for any other refused join, not with an HTTP 500.
+            logger.warning("Channel layer unavailable, refusing a join: %s", error)
+            metrics.error_sent("unavailable")
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "text": json.dumps(error_frame("unavailable", UNAVAILABLE_MESSAGE))})
+                await send({"type": "websocket.close", "code": CLOSE_UNAVAILABLE})
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a
@@ -158,7 +183,13 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             await self.reject("bad_field", "Lobby names use letters, digits, '-' and '_' only.", CLOSE_BAD_LOBBY_NAME)
             return
         token = connection_token(self.scope)
-        session = await asession_for_token(token)
+        try:
+            session = await asession_for_token(token)
+        except DATABASE_UNAVAILABLE as error:
+            # Not "unauthenticated": the token may well be good.
+            logger.warning("Database unavailable, refusing a join: %s", error)
+            await self.reject("unavailable", UNAVAILABLE_MESSAGE, CLOSE_UNAVAILABLE)
+            return
         if session is None:
             await self.reject("unauthenticated", "No valid session; create one first.", CLOSE_UNAUTHENTICATED)
             if token:  # a token that names no session, not merely none
@@ -170,7 +201,12 @@ class LobbyConsumer(AsyncWebsocketConsumer):
 
         self.group = services.lobby_group(self.lobby_name)
         # Join the group before the roster is read, so no join in between is missed.
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        try:
+            await self.channel_layer.group_add(self.group, self.channel_name)
+        except Exception as error:
+            logger.warning("Channel layer unavailable, refusing a join: %s", error)
+            await self.refuse("unavailable", UNAVAILABLE_MESSAGE, CLOSE_UNAVAILABLE)
+            return
         try:
             joined = await database_sync_to_async(services.lobby_join)(
                 lobby_name=self.lobby_name,
@@ -200,6 +236,10 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         except services.SessionKicked as kicked:
             await self.refuse("kicked", kicked_message(kicked.seconds_left), CLOSE_KICKED)
             return
+        except DATABASE_UNAVAILABLE as error:
+            logger.warning("Database unavailable, refusing a join: %s", error)
+            await self.refuse("unavailable", UNAVAILABLE_MESSAGE, CLOSE_UNAVAILABLE)
+            return
         except BaseException:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             raise
@@ -212,6 +252,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         self.name = session.name
         presence.add(self.channel_name, joined.membership_id)
         self.peer_channels = {peer["peer_id"]: channel for peer, channel in joined.peers}
+        self.chat_floor, self.chat_ids = joined.last_chat_id or 0, set()
         await self.send_frame(
             {
                 "type": "welcome",
@@ -250,9 +291,14 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # 1000 is a deliberate leave; anything else is a drop, and the place is
         # kept for the session to resume.
         end = services.lobby_leave if close_code == 1000 else services.lobby_disconnect
-        await database_sync_to_async(end)(
-            lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
-        )
+        try:
+            await database_sync_to_async(end)(
+                lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
+            )
+        except DATABASE_UNAVAILABLE as error:
+            # Its row is no longer refreshed: once the database is back, the
+            # presence beat marks it reconnecting and ends it after the grace period.
+            logger.warning("Database unavailable, could not record a leave: %s", error)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.peer_id is None:
@@ -267,6 +313,10 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 return
             metrics.message_received(message_type, len(text_data))
             await self.handle(text_data, data, message)
+        except DATABASE_UNAVAILABLE as error:
+            logger.warning("Database unavailable, refusing a %s message: %s", message_type, error)
+            metrics.error_sent("unavailable")
+            await self.send_frame(error_frame("unavailable", UNAVAILABLE_MESSAGE))
         except ProtocolError as error:
             # A message that does not parse spends the budget of "other" messages.
             if message_type is None and not self.message_limits.allow(None):
@@ -381,8 +431,74 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             metrics.message_delivered(event["kind"], event.get("received_at"))
             await self.send(text_data=event["text"])
         else:
-            metrics.message_delivered(event["frame"]["type"], event.get("received_at"))
-            await self.send_frame(event["frame"])
+            frame = event["frame"]
+            if frame["type"] == "chat" and not self.chat_unseen(frame["id"]):
+                return  # already sent by a catch-up after a Redis outage
+            metrics.message_delivered(frame["type"], event.get("received_at"))
+            await self.send_frame(frame)
+
+    def chat_unseen(self, chat_id: int) -> bool:
+        """Whether the chat message is new to the client; it counts as seen from now on."""
+        if chat_id <= self.chat_floor or chat_id in self.chat_ids:
+            return False
+        self.chat_ids.add(chat_id)
+        if len(self.chat_ids) > CHAT_IDS_REMEMBERED:
+            self.chat_floor = min(self.chat_ids)
+            self.chat_ids.remove(self.chat_floor)
+        return True
+
+    async def layer_resubscribed(self, event: dict[str, Any]) -> None:
+        """Back from a Redis outage, during which what other processes sent
+        never reached this one: bring the client's roster and chat up to date
+        from the database. Failing that, the client can still ask chat_history."""
+        if self.peer_id is None:
+            return
+        try:
+            await self.catch_up_roster()
+            await self.catch_up_chat()
+        except Exception:
+            logger.exception("Could not catch up after a Redis outage in lobby %s", self.lobby_name)
+
+    async def catch_up_roster(self) -> None:
+        """Tells the client of those who left or joined meanwhile, and of those
+        now on another connection, as the events it missed would have."""
+        roster = await database_sync_to_async(member_roster)(
+            lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
+        )
+        if roster is None or self.peer_id is None:
+            return
+        present = {entry["peer"]["peer_id"]: entry for entry in roster if entry["peer"]["peer_id"] != self.peer_id}
+        for peer_id in [peer_id for peer_id in self.peer_channels if peer_id not in present]:
+            del self.peer_channels[peer_id]
+            await self.send_frame({"type": "peer_left", "peer_id": peer_id})
+        for peer_id, entry in present.items():
+            known = self.peer_channels.get(peer_id)
+            self.peer_channels[peer_id] = entry["channel"]
+            if known is None:
+                await self.send_frame({"type": "peer_joined", "peer": entry["peer"]})
+            elif known != entry["channel"]:
+                await self.send_frame({"type": "peer_updated", "peer": entry["peer"]})
+
+    async def catch_up_chat(self) -> None:
+        """Sends the stored chat messages the client lacks, as the `chat` frames they were."""
+        after = self.chat_floor
+        while True:
+            page = await database_sync_to_async(member_chat_history)(
+                lobby_name=self.lobby_name,
+                session_id=self.peer_id,
+                channel_name=self.channel_name,
+                after=after,
+                limit=CHAT_HISTORY_LIMIT,
+            )
+            if page is None or self.peer_id is None:
+                return
+            messages, more = page
+            for frame in messages:
+                if self.chat_unseen(frame["id"]):
+                    await self.send_frame(frame)
+            if not more or not messages:
+                return
+            after = messages[-1]["id"]
 
     async def lobby_peer_joined(self, event: dict[str, Any]) -> None:
         peer_id = event["peer"]["peer_id"]

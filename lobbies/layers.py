@@ -12,17 +12,31 @@ before that peer's first offer, whichever way each went.
 
 Locally delivered messages are shallow copies of what was sent: consumers
 must not change the nested values of the events they receive (none do).
+
+While Redis is away, sending to other processes fails (the caller gets the
+error; local deliveries of a group message have happened by then) and this
+process hears nothing from them. redis-py reconnects the subscriber connection
+and subscribes it again by itself once Redis is back; then every member of a
+group here gets a RESUBSCRIBED event, so it can fetch what it may have missed
+(the lobby consumer: roster changes and stored chat; the cache: its
+invalidations). Joins, whose new_channel() fails meanwhile, are refused.
 """
 
+import logging
 import uuid
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
+logger = logging.getLogger(__name__)
+
 # The key that carries a group message's origin through Redis.
 ORIGIN_KEY = "__origin"
 # What deserialize() makes of a group message this layer sent itself.
 SENT_FROM_HERE = object()
+# Delivered to every group member of this process once the connection to
+# Redis is back after it broke: messages from other processes may be missing.
+RESUBSCRIBED = "layer.resubscribed"
 
 
 class LocalFirstChannelLayer(RedisPubSubChannelLayer):
@@ -37,6 +51,42 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
             queue.put_nowait(dict(message))
             return
         await layer.send(channel, message)
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        channel = await self._get_layer().new_channel(prefix)
+        self.watch_reconnects()
+        return channel
+
+    async def group_add(self, group: str, channel: str) -> None:
+        await self._get_layer().group_add(group, channel)
+        self.watch_reconnects()
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Leaves the group here even when Redis cannot be told: a connection
+        closing during an outage must still get to end its stay. The Redis
+        subscription, if it was the group's last member, stays until the
+        process stops; messages for a group with no member here are dropped."""
+        try:
+            await self._get_layer().group_discard(group, channel)
+        except Exception as error:
+            logger.warning("Could not unsubscribe from group %s in Redis: %s", group, error)
+
+    def watch_reconnects(self) -> None:
+        """Hears, from redis-py, each time the subscriber connection comes back.
+        It calls back after its own callback has subscribed again (registered
+        first); registering the same method twice keeps one."""
+        for shard in self._get_layer()._shards:
+            if shard._pubsub is not None and shard._pubsub.connection is not None:
+                shard._pubsub.connection.register_connect_callback(self.resubscribed)
+
+    def resubscribed(self, connection: Any) -> None:
+        layer = self._get_layer()
+        members = set().union(*layer.groups.values())
+        logger.warning("Reconnected to Redis; telling %d group members they may have missed messages", len(members))
+        for channel in members:
+            queue = layer.channels.get(channel)
+            if queue is not None:
+                queue.put_nowait({"type": RESUBSCRIBED})
 
     async def send_through_redis(self, channel: str, message: dict[str, Any]) -> None:
         """send(), but out to Redis and back even for a channel of this process:

@@ -9,8 +9,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 # Letters and digits of any script, "-" and "_": safe in a URL path segment
-# and easy to read out loud.
-LOBBY_NAME_PATTERN = r"^[\w-]{1,64}\Z"
+# and easy to read out loud. The Hangul fillers are letters that show as
+# nothing, so they are left out.
+LOBBY_NAME_PATTERN = r"^(?:[^\W\u115f\u1160\u3164\uffa0]|-){1,64}\Z"
 # Lobby passwords are kept only as a hash; this bounds the work of hashing one.
 LOBBY_PASSWORD_MAX_LENGTH = 128
 

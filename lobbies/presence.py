@@ -4,18 +4,24 @@ Instead of a database write per heartbeat, each process refreshes the rows of
 all its live connections in one UPDATE every PRESENCE_INTERVAL_SECONDS, and
 on the same beat ends the stays of participants who dropped and did not come
 back within the grace period (also those of a process that died, whose rows
-stopped being refreshed).
+stopped being refreshed). Once an hour the beat also deletes chat past
+CHAT_RETENTION_DAYS, so retention needs no scheduler of its own.
 """
 
 import asyncio
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from lobbies import services
+from voicebot.middleware import DATABASE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
+
+CHAT_PRUNE_EVERY_SECONDS = 3600
+CHAT_PRUNE_BATCH = 1000
 
 
 class Presence:
@@ -23,6 +29,8 @@ class Presence:
         self.loop: asyncio.AbstractEventLoop | None = None
         # channel name -> membership id
         self.live: dict[str, int] = {}
+        # time.monotonic() after which the next beat prunes chat.
+        self.chat_prune_due = 0.0
 
     def attach(self) -> None:
         """Run the beat on the running loop. Call from async code."""
@@ -48,9 +56,19 @@ class Presence:
         try:
             await database_sync_to_async(services.memberships_touch)(membership_ids=list(self.live.values()))
             await database_sync_to_async(services.memberships_expire)()
+            if time.monotonic() >= self.chat_prune_due:
+                self.chat_prune_due = time.monotonic() + CHAT_PRUNE_EVERY_SECONDS
+                await self.prune_chat()
+        except DATABASE_UNAVAILABLE as error:
+            # The database is briefly away (restart, failover); the next beat tries again.
+            logger.warning("Presence beat skipped, the database is unavailable: %s", error)
         except Exception:
-            # The database may be briefly away; the next beat tries again.
             logger.exception("Presence beat failed")
+
+    async def prune_chat(self) -> None:
+        # One batch per thread hop: joins queued behind it wait for one batch only.
+        while await database_sync_to_async(services.chat_prune)(limit=CHAT_PRUNE_BATCH) == CHAT_PRUNE_BATCH:
+            pass
 
 
 presence = Presence()

@@ -1,7 +1,7 @@
 """Reads of sessions and lobbies, shaped the way the API and protocol send them."""
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
 from channels.db import database_sync_to_async
@@ -31,21 +31,45 @@ def session_cache_key(digest: str) -> str:
     return f"session:{digest}"
 
 
+def used_recently(session: Session, now: datetime) -> bool:
+    """Whether the session was seen within SESSION_SEEN_REFRESH_SECONDS, so
+    this use need not be recorded (nor its idle limit checked again)."""
+    return session.last_seen_at > now - timedelta(seconds=settings.SESSION_SEEN_REFRESH_SECONDS)
+
+
 def session_for_token(token: str) -> Session | None:
-    """The session a resume token belongs to. Identities rarely change, so they
-    are cached, in this process and in the shared cache; unknown tokens are not."""
+    """The session a resume token belongs to, unless it has not been used for
+    SESSION_IDLE_DAYS: an expired token is refused like an unknown one.
+
+    Identities rarely change, so they are cached, in this process and in the
+    shared cache; unknown tokens are not. A use is written to the session's
+    last_seen_at at most once per SESSION_SEEN_REFRESH_SECONDS (connected
+    sessions are refreshed by the presence beat anyway).
+    """
     if not token:
         return None
-    key = session_cache_key(token_hash(token))
+    digest = token_hash(token)
+    key = session_cache_key(digest)
     session = cache.local.get(key)
     if session is cache.MISSING:
         session = cache.shared.get(key)
         if session is cache.MISSING:
-            session = Session.objects.filter(token_hash=token_hash(token)).first()
+            session = Session.objects.filter(token_hash=digest).first()
             if session is None:
                 return None
             cache_session(session)
         cache.local.set(key, session)
+    now = timezone.now()
+    if used_recently(session, now):
+        return session
+    # A cached copy may trail the row, so the row decides, in one statement.
+    idle_since = now - timedelta(days=settings.SESSION_IDLE_DAYS)
+    if not Session.objects.filter(token_hash=digest, last_seen_at__gt=idle_since).update(last_seen_at=now):
+        cache.local.forget(key)
+        cache.shared.delete(key)
+        return None
+    session.last_seen_at = now
+    cache_session(session)
     return session
 
 
@@ -59,7 +83,7 @@ async def asession_for_token(token: str) -> Session | None:
     """session_for_token for async callers: a cached identity costs no thread hop."""
     if token:
         session = cache.local.get(session_cache_key(token_hash(token)))
-        if session is not cache.MISSING:
+        if session is not cache.MISSING and used_recently(session, timezone.now()):
             return session
     return await database_sync_to_async(session_for_token)(token)
 
@@ -229,6 +253,19 @@ def member_chat_history(
     if lobby_id is None:
         return None
     return chat_history(lobby_id, after, limit)
+
+
+def member_roster(*, lobby_name: str, session_id: str, channel_name: str) -> list[RosterEntry] | None:
+    """The lobby's roster for the connection holding the session's place in
+    it; None if it holds none."""
+    membership = (
+        connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
+        .select_related("lobby")
+        .first()
+    )
+    if membership is None:
+        return None
+    return lobby_roster(membership.lobby)
 
 
 def lobby_last_chat_id(lobby: Lobby | int) -> int | None:

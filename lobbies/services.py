@@ -132,16 +132,17 @@ def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password
 
 
 @contextmanager
-def _roster_transaction() -> Iterator[None]:
-    """A transaction that changes who is in a lobby now, committed without
-    waiting for the disk.
+def _soft_commit_transaction() -> Iterator[None]:
+    """A transaction committed without waiting for the disk: changes to who is
+    in a lobby now, and chat messages.
 
     Should the machine crash, Postgres may forget the last fraction of a
-    second of joins, leaves and mutes (at most 3 × wal_writer_delay), whose
-    connections are gone and come back anyway; it never forgets anything
-    inconsistently. Not waiting for a flush per join is what lets a reconnect
-    storm through. Sessions, lobbies created through the API and
-    administrators' actions commit durably as usual.
+    second of them (at most 3 × wal_writer_delay); it never forgets anything
+    inconsistently, and a restart of Postgres alone loses nothing. Waiting for
+    a flush per join or per chat line cost more than the rest of the work and,
+    on a busy disk, tens of milliseconds now and then: a reconnect storm or a
+    busy room would queue behind the disk. Sessions, lobbies created through
+    the API and administrators' actions commit durably as usual.
     """
     with transaction.atomic():
         if connection.vendor == "postgresql":
@@ -150,7 +151,7 @@ def _roster_transaction() -> Iterator[None]:
         yield
 
 
-@_roster_transaction()
+@_soft_commit_transaction()
 def _join(*, lobby_name: str, session: Session, channel_name: str, password: str, opened_hash: str = "") -> JoinResult:
     # The row lock serialises changes to one lobby's roster: two joins cannot
     # both take its last place, and the cached roster follows commit order.
@@ -240,7 +241,7 @@ def _roster_changed(lobby: Lobby, roster: list[selectors.RosterEntry] | None = N
 
 def lobby_leave(*, lobby_name: str, session_id: str, channel_name: str) -> None:
     """End the session's stay in the lobby at once, if `channel_name` still holds it."""
-    with _roster_transaction():
+    with _soft_commit_transaction():
         lobby = _lock_lobby(lobby_name)
         membership = _live_membership(lobby_name, session_id, channel_name)
         if lobby is None or membership is None:
@@ -251,7 +252,7 @@ def lobby_leave(*, lobby_name: str, session_id: str, channel_name: str) -> None:
 
 def lobby_disconnect(*, lobby_name: str, session_id: str, channel_name: str) -> None:
     """The connection dropped: keep the place for the grace period, then end it."""
-    with _roster_transaction():
+    with _soft_commit_transaction():
         lobby = _lock_lobby(lobby_name)
         membership = _live_membership(lobby_name, session_id, channel_name)
         if lobby is None or membership is None:
@@ -293,7 +294,7 @@ def memberships_expire() -> int:
     )
     changed = 0
     for membership_id, lobby_name in Membership.objects.filter(lost | expired).values_list("pk", "lobby__name"):
-        with _roster_transaction():
+        with _soft_commit_transaction():
             lobby = _lock_lobby(lobby_name)
             membership = (
                 Membership.objects.select_related("session")
@@ -331,7 +332,7 @@ def _end_membership(membership: Membership, lobby_name: str, now: datetime) -> N
 
 
 def membership_set_muted(*, lobby_name: str, session_id: str, channel_name: str, muted: bool) -> None:
-    with _roster_transaction():
+    with _soft_commit_transaction():
         lobby = _lock_lobby(lobby_name)
         membership = _live_membership(lobby_name, session_id, channel_name)
         if lobby is None or membership is None:
@@ -485,22 +486,28 @@ def chat_send(
     be stored, whatever the database raises, and no one receives it.
     `received_at` (time.time() when it arrived) is for the delivery latency metric.
     """
-    membership = (
-        selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
-        .select_related("session")
-        .first()
-    )
-    if membership is None:
-        raise NotInLobby(lobby_name)
-    message = ChatMessage.objects.create(
-        lobby_id=membership.lobby_id, session_id=membership.session_id, author_name=membership.session.name, text=text
-    )
-    publish(lobby_name, {"type": "lobby.deliver", "frame": selectors.chat_frame(message), "received_at": received_at})
+    with _soft_commit_transaction():
+        membership = (
+            selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
+            .select_related("session")
+            .first()
+        )
+        if membership is None:
+            raise NotInLobby(lobby_name)
+        message = ChatMessage.objects.create(
+            lobby_id=membership.lobby_id, session_id=membership.session_id, author_name=membership.session.name, text=text
+        )
+        publish(lobby_name, {"type": "lobby.deliver", "frame": selectors.chat_frame(message), "received_at": received_at})
     return message
 
 
-def chat_prune() -> int:
-    """Delete chat messages older than CHAT_RETENTION_DAYS. Returns how many went."""
+def chat_prune(*, limit: int = 1000) -> int:
+    """Delete up to `limit` of the chat messages older than CHAT_RETENTION_DAYS,
+    oldest first. Returns how many went; call again while that is `limit`.
+
+    In batches, so that no single statement holds the database (and the
+    server process's database thread) for long."""
     cutoff = timezone.now() - timedelta(days=settings.CHAT_RETENTION_DAYS)
-    deleted, _ = ChatMessage.objects.filter(created_at__lt=cutoff).delete()
+    expired = ChatMessage.objects.filter(created_at__lt=cutoff).order_by("id").values_list("id", flat=True)
+    deleted, _ = ChatMessage.objects.filter(pk__in=list(expired[:limit])).delete()
     return deleted

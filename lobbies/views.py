@@ -114,6 +114,11 @@ def authenticate(request: HttpRequest, *, required: bool) -> Session | None:
     return session
 
 
+# Letters (not spaces, so split() keeps them) that show as nothing: a name of
+# them looks empty, and "Bob" plus one looks like Bob.
+BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def clean_display_name(value: Any) -> str:
     if not isinstance(value, str):
         raise ApiError(400, "bad_field", "'name' must be a string.")
@@ -136,6 +141,8 @@ def clean_display_name(value: Any) -> str:
             raise ApiError(400, "bad_field", "'name' must not contain surrogate, private-use or unassigned code points.")
         if char in "<>":
             raise ApiError(400, "bad_field", "'name' must not contain '<' or '>'.")
+        if char in BLANK_LETTERS:
+            raise ApiError(400, "bad_field", "'name' must not contain letters that show as blank space (fillers).")
     return name
 
 

@@ -1,27 +1,31 @@
 """Fixtures shared by the whole suite: named people, live servers, WebSocket clients."""
 
+import asyncio
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import asyncio
-import json
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import websockets
-from playwright.sync_api import Browser, sync_playwright
 from channels.layers import channel_layers
 from django.conf import settings
+from django.db.models import F
+from playwright.sync_api import Browser, sync_playwright
 
-from lobbies import services
+from lobbies import cache, selectors, services
+from lobbies.models import Session
 from voicebot.server import uvicorn_command
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -39,6 +43,16 @@ class Person:
 def make_person(name: str) -> Person:
     session, token = services.session_create(name=name)
     return Person(id=str(session.id), name=session.name, token=token)
+
+
+def leave_unused(person: Person, days: float) -> None:
+    """As if `days` passed without the session being used: its last use moves
+    back by as much, and its cached copies, which live LOCAL_CACHE_TTL_SECONDS,
+    are gone."""
+    Session.objects.filter(pk=person.id).update(last_seen_at=F("last_seen_at") - timedelta(days=days))
+    key = selectors.session_cache_key(selectors.token_hash(person.token))
+    cache.local.forget(key)
+    cache.shared.delete(key)
 
 
 @pytest.fixture
@@ -97,6 +111,46 @@ def wait_for_http(url: str, timeout: float = 20.0, process: subprocess.Popen | N
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class OwnRedis:
+    """A Redis server of the test's own, which it may stop and start again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [
+            shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--daemonize", "no",
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    redis = OwnRedis()
+    redis.start()
+    yield redis
+    redis.stop()
 
 
 @dataclass
@@ -246,6 +300,17 @@ class LiveClient:
         """Leave (1000) or, with another code, drop the connection as a lost network would."""
         if self.socket is not None:
             await self.socket.close(code=code)
+
+
+async def negotiate(offerer: LiveClient, answerer: LiveClient) -> None:
+    """An offer, its answer and an ICE candidate between two people, each received as sent."""
+    await offerer.send({"type": "offer", "to": answerer.id, "sdp": "v=0 offer"})
+    assert await answerer.receive() == {"type": "offer", "to": answerer.id, "sdp": "v=0 offer", "from": offerer.id}
+    await answerer.send({"type": "answer", "to": offerer.id, "sdp": "v=0 answer"})
+    assert (await offerer.receive())["sdp"] == "v=0 answer"
+    candidate = {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", "sdpMid": "0"}
+    await answerer.send({"type": "ice", "to": offerer.id, "candidate": candidate})
+    assert (await offerer.receive())["candidate"] == candidate
 
 
 @contextmanager

@@ -60,7 +60,7 @@ def test_postgres_uses_djangos_pool_without_persistent_connections() -> None:
     assert database["ENGINE"] == "django_prometheus.db.backends.postgresql", "run the suite with tests/run.sh"
     assert database["CONN_MAX_AGE"] == 0
     assert database["CONN_HEALTH_CHECKS"] is True
-    assert database["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 10, "timeout": 10}
+    assert database["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 10, "timeout": 10, "reconnect_timeout": 5}
 
 
 def test_pool_sizes_come_from_the_environment(tmp_path: Path) -> None:
@@ -74,7 +74,8 @@ def test_pool_sizes_come_from_the_environment(tmp_path: Path) -> None:
 
     result = load_settings(env)
 
-    assert json.loads(result.stdout)["pool"] == {"min_size": 1, "max_size": 3, "timeout": 10}, result.stderr
+    pool = {"min_size": 1, "max_size": 3, "timeout": 10, "reconnect_timeout": 5}
+    assert json.loads(result.stdout)["pool"] == pool, result.stderr
 
 
 def test_redis_url_switches_the_channel_layer_and_cache() -> None:

@@ -9,8 +9,11 @@ from contextvars import Token
 from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponse
+from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.utils.decorators import sync_and_async_middleware
+from django.utils.deprecation import MiddlewareMixin
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -20,9 +23,17 @@ from voicebot.tracing import header_carrier, tracer
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
+# What Django raises when the database cannot be reached or its connection
+# broke: a restart, a failover, or no pooled connection within
+# DATABASE_POOL_TIMEOUT (psycopg_pool's PoolTimeout, which Django wraps).
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+# Seconds a client is told to wait before trying again.
+DATABASE_RETRY_AFTER_SECONDS = 5
+
 # One line per request, with its request ID: daphne's own access log is plain
 # text on stdout and knows nothing of the context.
 access_log = logging.getLogger("voicebot.access")
+logger = logging.getLogger(__name__)
 
 
 def _start_span(request: HttpRequest, request_id: str) -> trace.Span:
@@ -146,3 +157,22 @@ def content_security_policy_middleware(
             return finish(get_response(request))
 
     return middleware
+
+
+class DatabaseUnavailableMiddleware(MiddlewareMixin):
+    """Answers 503 with Retry-After, as JSON under /api/ and as a plain page
+    elsewhere, when a view fails because the database is away, instead of a
+    500. The outage is logged as a warning, without a traceback: it is not a
+    bug, and /readyz already reports it."""
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not isinstance(exception, DATABASE_UNAVAILABLE):
+            return None
+        logger.warning("Database unavailable, answering 503: %s", exception)
+        if request.path.startswith("/api/"):
+            message = "The service is temporarily unavailable; try again in a few seconds."
+            response: HttpResponse = JsonResponse({"code": "database_unavailable", "message": message}, status=503)
+        else:
+            response = render(request, "503.html", status=503)
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response

@@ -112,6 +112,8 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     # Before the others, so their logs carry the request ID and its span covers them.
     "voicebot.middleware.request_context_middleware",
+    # A view that fails because the database is away answers 503, not 500.
+    "voicebot.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "voicebot.middleware.content_security_policy_middleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -165,6 +167,11 @@ def database_config(url: str = DATABASE_URL) -> dict:
             "min_size": env_int("DATABASE_POOL_MIN_SIZE", 2),
             "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10),
             "timeout": env_int("DATABASE_POOL_TIMEOUT", 10),
+            # The pool retries a failed connect with a doubling pause; without a
+            # cap, after a long Postgres outage the next try could come as long
+            # after Postgres is back. Past this, it gives up, and the next
+            # request that needs a connection starts trying again at once.
+            "reconnect_timeout": 5,
         }
     return config
 
@@ -298,8 +305,14 @@ LOBBY_LIST_LIMIT = env_int("LOBBY_LIST_LIMIT", 100)
 LOBBY_RESUME_GRACE_SECONDS = env_int("LOBBY_RESUME_GRACE_SECONDS", 30)
 # How long a session an administrator kicked out of a lobby may not rejoin it.
 LOBBY_KICK_SECONDS = env_int("LOBBY_KICK_SECONDS", 300)
-# Chat messages older than this are deleted by `manage.py prunechat`.
+# Chat messages older than this are deleted every hour (lobbies.presence).
 CHAT_RETENTION_DAYS = env_int("CHAT_RETENTION_DAYS", 30)
+# A session's resume token stops working once the session has not been used
+# for this long; a use is recorded at most once per SESSION_SEEN_REFRESH_SECONDS.
+SESSION_IDLE_DAYS = env_int("SESSION_IDLE_DAYS", 30)
+SESSION_SEEN_REFRESH_SECONDS = 3600
+if SESSION_IDLE_DAYS < 1:
+    raise ImproperlyConfigured("SESSION_IDLE_DAYS must be at least 1.")
 # How often each server process records that its connections are alive, and
 # ends the stays of participants who did not come back in time.
 PRESENCE_INTERVAL_SECONDS = env_int("PRESENCE_INTERVAL_SECONDS", 5)

@@ -1,13 +1,16 @@
 """POST /api/sessions/ and POST /api/sessions/resume/."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
-from lobbies.models import Session
-from lobbies.selectors import token_hash
-from tests.conftest import Person
+from lobbies.models import Lobby, Session
+from lobbies.selectors import cache_session, token_hash
+from monitoring.models import AuditEvent
+from tests.conftest import Person, leave_unused
 
 pytestmark = pytest.mark.django_db
 
@@ -109,3 +112,64 @@ def test_resume_without_a_valid_token_is_401(authorization: str) -> None:
     assert response.status_code == 401
     assert response.json()["code"] == "unauthenticated"
     assert "voicebot_token" not in response.cookies
+
+
+# --- tokens expire after SESSION_IDLE_DAYS without use ------------------------
+
+
+def test_a_token_unused_for_longer_than_the_idle_limit_is_refused_like_an_unknown_one(alice: Person) -> None:
+    leave_unused(alice, days=31)
+    bearer = {"Authorization": f"Bearer {alice.token}"}
+
+    resumed = post(Client(), "/api/sessions/resume/", {}, **bearer)
+    created = post(Client(), "/api/lobbies/", {"name": "too-late"}, **bearer)
+
+    assert resumed.status_code == 401 and resumed.json()["code"] == "unauthenticated"
+    assert created.status_code == 401 and created.json()["code"] == "unauthenticated"
+    assert AuditEvent.objects.filter(action="token_rejected").count() == 1  # as for an unknown token
+    assert not Lobby.objects.exists()
+
+
+def test_a_use_within_the_idle_limit_keeps_the_token_working_for_another_period(alice: Person) -> None:
+    bearer = {"Authorization": f"Bearer {alice.token}"}
+    leave_unused(alice, days=29)
+
+    assert post(Client(), "/api/sessions/resume/", {}, **bearer).status_code == 200
+    leave_unused(alice, days=2)  # 31 days since it was created, 2 since it was used
+
+    assert post(Client(), "/api/sessions/resume/", {}, **bearer).status_code == 200
+
+
+def test_a_use_is_recorded_at_most_once_an_hour(alice: Person, django_assert_num_queries) -> None:
+    leave_unused(alice, days=2)
+    bearer = {"Authorization": f"Bearer {alice.token}"}
+
+    with django_assert_num_queries(2):  # read the session, record the use
+        assert post(Client(), "/api/sessions/resume/", {}, **bearer).status_code == 200
+    with django_assert_num_queries(0):
+        assert post(Client(), "/api/sessions/resume/", {}, **bearer).status_code == 200
+
+    assert timezone.now() - Session.objects.get(pk=alice.id).last_seen_at < timedelta(minutes=1)
+
+
+def test_a_cached_copy_does_not_keep_an_expired_session_alive(alice: Person) -> None:
+    session = Session.objects.get(pk=alice.id)
+    session.last_seen_at = timezone.now() - timedelta(days=31)
+    Session.objects.filter(pk=alice.id).update(last_seen_at=session.last_seen_at)
+    # A copy cached when it was last used, still within the cache's TTL.
+    cache_session(session)
+
+    response = post(Client(), "/api/sessions/resume/", {}, Authorization=f"Bearer {alice.token}")
+
+    assert response.status_code == 401
+
+
+def test_a_session_kept_fresh_elsewhere_is_not_refused_for_a_stale_cached_copy(alice: Person) -> None:
+    session = Session.objects.get(pk=alice.id)
+    # The cached copy is old; the row was refreshed since (by the presence beat of a call, say).
+    session.last_seen_at = timezone.now() - timedelta(days=31)
+    cache_session(session)
+
+    response = post(Client(), "/api/sessions/resume/", {}, Authorization=f"Bearer {alice.token}")
+
+    assert response.status_code == 200

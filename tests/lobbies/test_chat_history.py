@@ -8,13 +8,16 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client as HttpClient
 from django.utils import timezone
 
+from lobbies import services
 from lobbies.models import ChatMessage, Lobby, Membership, Session
+from lobbies.presence import Presence
 from lobbies.protocol import CHAT_HISTORY_LIMIT, MAX_SAFE_INTEGER
 from tests.conftest import LiveClient, LiveServer, Person
 from tests.lobbies.test_consumers import Client
@@ -274,6 +277,21 @@ def test_messages_past_the_retention_period_are_pruned(settings, alice: Person) 
     call_command("prunechat", stdout=output)
 
     assert output.getvalue() == "Deleted 1 chat message(s).\n"
+
+    assert list(ChatMessage.objects.values_list("text", flat=True)) == ["kept"]
+
+
+def test_a_server_process_prunes_old_chat_by_itself_in_batches(settings, alice: Person) -> None:
+    settings.CHAT_RETENTION_DAYS = 30
+    lobby = Lobby.objects.create(name="aging")
+    now = timezone.now()
+    ChatMessage.objects.bulk_create(
+        ChatMessage(lobby=lobby, session_id=alice.id, author_name="Alice", text=text, created_at=now - timedelta(days=days))
+        for days, text in [(40, "first"), (35, "second"), (31, "third"), (1, "kept")]
+    )
+
+    assert services.chat_prune(limit=2) == 2
+    async_to_sync(Presence().beat)()
 
     assert list(ChatMessage.objects.values_list("text", flat=True)) == ["kept"]
 

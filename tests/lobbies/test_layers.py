@@ -7,7 +7,8 @@ import uuid
 import pytest
 import redis
 
-from lobbies.layers import LocalFirstChannelLayer
+from lobbies.layers import RESUBSCRIBED, LocalFirstChannelLayer
+from tests.conftest import OwnRedis
 
 
 def publishes(url: str) -> int:
@@ -16,45 +17,45 @@ def publishes(url: str) -> int:
 
 
 @pytest.fixture
-def layers(settings) -> tuple[LocalFirstChannelLayer, LocalFirstChannelLayer]:
-    """Two layers with one prefix: two server processes of one deployment."""
-    if not settings.REDIS_URL:
-        pytest.fail("REDIS_URL is not set: run the suite with `bash tests/run.sh`.")
+def layers(own_redis: OwnRedis) -> tuple[LocalFirstChannelLayer, LocalFirstChannelLayer]:
+    """Two layers with one prefix: two server processes of one deployment, on
+    a Redis of the test's own (which it may stop, and whose PUBLISH count
+    nothing else moves)."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     return (
-        LocalFirstChannelLayer(hosts=[settings.REDIS_URL], prefix=prefix),
-        LocalFirstChannelLayer(hosts=[settings.REDIS_URL], prefix=prefix),
+        LocalFirstChannelLayer(hosts=[own_redis.url], prefix=prefix),
+        LocalFirstChannelLayer(hosts=[own_redis.url], prefix=prefix),
     )
 
 
-async def test_a_channel_of_this_process_gets_the_message_without_redis(layers, settings) -> None:
+async def test_a_channel_of_this_process_gets_the_message_without_redis(layers, own_redis) -> None:
     here, _ = layers
     channel = await here.new_channel()
     event = {"type": "lobby.deliver", "text": '{"type": "ice"}', "received_at": 1.5}
-    before = publishes(settings.REDIS_URL)
+    before = publishes(own_redis.url)
 
     await here.send(channel, event)
     event["text"] = "changed after sending"
 
     assert await here.receive(channel) == {"type": "lobby.deliver", "text": '{"type": "ice"}', "received_at": 1.5}
-    assert publishes(settings.REDIS_URL) == before
+    assert publishes(own_redis.url) == before
     await here.flush()
 
 
-async def test_a_channel_of_another_process_gets_the_message_through_redis(layers, settings) -> None:
+async def test_a_channel_of_another_process_gets_the_message_through_redis(layers, own_redis) -> None:
     here, there = layers
     channel = await there.new_channel()
-    before = publishes(settings.REDIS_URL)
+    before = publishes(own_redis.url)
 
     await here.send(channel, {"type": "lobby.deliver", "text": "hello"})
 
     assert await there.receive(channel) == {"type": "lobby.deliver", "text": "hello"}
-    assert publishes(settings.REDIS_URL) == before + 1
+    assert publishes(own_redis.url) == before + 1
     await here.flush()
     await there.flush()
 
 
-async def test_a_group_reaches_members_of_this_process_without_waiting_for_redis(layers, settings) -> None:
+async def test_a_group_reaches_members_of_this_process_without_waiting_for_redis(layers, own_redis) -> None:
     here, _ = layers
     member = await here.new_channel()
     await here.group_add("lobby", member)
@@ -93,5 +94,57 @@ async def test_groups_still_reach_every_process_once(layers) -> None:
     assert await there.receive(far) == {"type": "lobby.peer_left", "peer_id": "p"}
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(here.receive(near), 0.3)
+    await here.flush()
+    await there.flush()
+
+
+async def test_while_redis_is_away_a_group_message_still_reaches_this_process(layers, own_redis) -> None:
+    here, _ = layers
+    member = await here.new_channel()
+    await here.group_add("lobby", member)
+    own_redis.stop()
+
+    # The caller learns that the other processes were not reached...
+    with pytest.raises(redis.ConnectionError):
+        await here.group_send("lobby", {"type": "lobby.peer_left", "peer_id": "p"})
+
+    # ...after the members of this one were.
+    assert await asyncio.wait_for(here.receive(member), 1) == {"type": "lobby.peer_left", "peer_id": "p"}
+
+
+async def test_leaving_a_group_while_redis_is_away_does_not_fail(layers, own_redis) -> None:
+    here, _ = layers
+    member = await here.new_channel()
+    await here.group_add("lobby", member)
+    own_redis.stop()
+    await asyncio.sleep(0.5)  # the subscriber connection's next poll finds it closed
+
+    await asyncio.wait_for(here.group_discard("lobby", member), 1)
+
+    with pytest.raises(redis.ConnectionError):
+        await here.group_send("lobby", {"type": "lobby.peer_left", "peer_id": "p"})
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(here.receive(member), 0.3)
+
+
+async def test_once_redis_is_back_group_members_hear_it_and_groups_span_processes_again(
+    layers, own_redis
+) -> None:
+    here, there = layers
+    near, far, alone = await here.new_channel(), await there.new_channel(), await there.new_channel()
+    await here.group_add("lobby", near)
+    await there.group_add("lobby", far)
+    own_redis.stop()
+    own_redis.start()
+
+    # redis-py reconnects on the receiving side's next poll, within about a second.
+    assert await asyncio.wait_for(there.receive(far), 5) == {"type": RESUBSCRIBED}
+    assert await asyncio.wait_for(here.receive(near), 5) == {"type": RESUBSCRIBED}
+    await here.group_send("lobby", {"type": "lobby.peer_left", "peer_id": "p"})
+
+    assert await asyncio.wait_for(there.receive(far), 2) == {"type": "lobby.peer_left", "peer_id": "p"}
+    # A channel in no group had nothing to miss from a group.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(there.receive(alone), 0.3)
     await here.flush()
     await there.flush()

@@ -9,8 +9,7 @@ from collections.abc import Callable
 import pytest
 import websockets
 
-from tests.conftest import LiveClient, LiveServer
-
+from tests.conftest import LiveClient, LiveServer, negotiate
 
 
 async def call_between(first: LiveClient, second: LiveClient) -> None:
@@ -21,13 +20,7 @@ async def call_between(first: LiveClient, second: LiveClient) -> None:
     joined = await first.receive()
     assert joined["type"] == "peer_joined" and joined["peer"]["peer_id"] == second.id
 
-    await second.send({"type": "offer", "to": first.id, "sdp": "v=0 offer"})
-    assert await first.receive() == {"type": "offer", "to": first.id, "sdp": "v=0 offer", "from": second.id}
-    await first.send({"type": "answer", "to": second.id, "sdp": "v=0 answer"})
-    assert (await second.receive())["sdp"] == "v=0 answer"
-    candidate = {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", "sdpMid": "0"}
-    await first.send({"type": "ice", "to": second.id, "candidate": candidate})
-    assert (await second.receive())["candidate"] == candidate
+    await negotiate(second, first)
 
     await second.send({"type": "chat", "text": "can you hear me?"})
     for client in (first, second):

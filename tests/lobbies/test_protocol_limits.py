@@ -241,10 +241,13 @@ def refused(response, status: int, code: str, mentions: str = "") -> None:
         ("Private\ue000", "private-use"),
         ("Unassigned\U000e0080", "unassigned"),
         ("x" * (MAX_NAME_LENGTH + 1), f"at most {MAX_NAME_LENGTH}"),
+        ("\u3164", "blank"),  # Hangul filler: a name that shows as nothing
+        ("Bob\u2800", "blank"),  # braille blank: looks like Bob
+        ("\uffa0\u115f\u1160", "blank"),
     ],
     ids=[
         "rlo", "isolates", "zwsp", "zwj", "bom", "bell", "ansi-escape", "nul", "html", "angle",
-        "private-use", "unassigned", "too-long",
+        "private-use", "unassigned", "too-long", "hangul-filler", "braille-blank", "fillers",
     ],
 )
 def test_a_display_name_that_could_mislead_is_refused(name: str, mentions: str) -> None:
@@ -272,8 +275,8 @@ def creator(transactional_db: None) -> Person:
 
 @pytest.mark.parametrize(
     "name",
-    ["evil\u202eroom", "zero\u200bwidth", "bell\x07", "<b>room</b>", "a>b", "x" * 65, "tab\troom", "\ud800"],
-    ids=["rlo", "zwsp", "control", "html", "angle", "too-long", "tab", "lone-surrogate"],
+    ["evil\u202eroom", "zero\u200bwidth", "bell\x07", "<b>room</b>", "a>b", "x" * 65, "tab\troom", "\ud800", "\u3164"],
+    ids=["rlo", "zwsp", "control", "html", "angle", "too-long", "tab", "lone-surrogate", "hangul-filler"],
 )
 def test_a_lobby_name_that_could_mislead_is_refused(creator: Person, name: str) -> None:
     response = post(HttpClient(), "/api/lobbies/", {"name": name}, Authorization=f"Bearer {creator.token}")

@@ -3,9 +3,11 @@
 Restarts and dead server processes are in test_live_servers.py."""
 
 import pytest
+from channels.db import database_sync_to_async
 
 from lobbies.models import Lobby, Membership
-from tests.conftest import Person
+from monitoring.models import AuditEvent
+from tests.conftest import Person, leave_unused
 from tests.lobbies.test_consumers import joined, open_client
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("channel_layer")]
@@ -77,3 +79,26 @@ async def test_reconnecting_peers_still_hold_their_place_in_a_full_lobby(
     assert back.welcome["peer_id"] == bob.id
     await first.disconnect()
     await back.disconnect()
+
+
+async def test_a_token_unused_for_longer_than_the_idle_limit_cannot_join(alice: Person) -> None:
+    await database_sync_to_async(leave_unused)(alice, days=31)
+
+    client = open_client("room", token=alice.token)
+    await client.connect(timeout=3)
+
+    await client.expect_error("unauthenticated")
+    await client.closed_with(4401)
+    assert await AuditEvent.objects.filter(action="token_rejected", lobby="room").aexists()
+
+
+async def test_a_join_records_the_use_so_the_token_keeps_working(alice: Person) -> None:
+    await database_sync_to_async(leave_unused)(alice, days=29)
+    first = await joined(alice)
+    await first.disconnect()
+    await database_sync_to_async(leave_unused)(alice, days=2)  # 31 days since it was created
+
+    again = await joined(alice)
+
+    assert again.welcome["peer_id"] == alice.id
+    await again.disconnect()

@@ -1,12 +1,8 @@
-"""Helpers for the monitoring tests: HTTP probes, a Redis server of the
-test's own that it may stop and start again, the dashboard's sample storage,
-and a webhook receiver."""
+"""Helpers for the monitoring tests: HTTP probes, the dashboard's sample
+storage, and a webhook receiver."""
 
 import http.server
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -18,7 +14,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from monitoring.samples import DatabaseSamples, RedisSamples, store
-from tests.conftest import free_port
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -45,46 +40,6 @@ def wait_for_status(url: str, expected: int, timeout: float = 20) -> dict:
             return body
         assert time.monotonic() < deadline, f"{url} still answers {status}: {body}"
         time.sleep(0.3)
-
-
-class OwnRedis:
-    """A Redis server of the test's own, which it may stop and start again on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        command = [
-            shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    redis = OwnRedis()
-    redis.start()
-    yield redis
-    redis.stop()
 
 
 @pytest.fixture(params=["redis", "database"])

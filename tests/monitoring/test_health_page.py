@@ -9,8 +9,8 @@ from django.utils import timezone
 from bots import services as bot_services
 from bots.models import Bot, Provider, Worker
 from lobbies import services as lobby_services
-from tests.conftest import LiveServer
-from tests.monitoring.conftest import OwnRedis, get, get_json, wait_for_status
+from tests.conftest import LiveServer, OwnRedis
+from tests.monitoring.conftest import get, get_json, wait_for_status
 
 # The test machine's disk and memory are not under test unless a test says so.
 ROOMY = {"HEALTH_DISK_MIN_FREE_PERCENT": "0", "HEALTH_MEMORY_MIN_AVAILABLE_PERCENT": "0"}

@@ -5,8 +5,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from tests.conftest import LiveServer
-from tests.monitoring.conftest import OwnRedis, get_json, wait_for_status
+from tests.conftest import LiveServer, OwnRedis
+from tests.monitoring.conftest import get_json, wait_for_status
 
 
 def test_ready_when_every_dependency_answers(start_production_server: Callable[..., LiveServer]) -> None:
