@@ -133,16 +133,16 @@ def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password
 
 @contextmanager
 def _soft_commit_transaction() -> Iterator[None]:
-    """A transaction committed without waiting for the disk: changes to who is
-    in a lobby now, and chat messages.
+    """A transaction that changes who is in a lobby now, committed without
+    waiting for the disk.
 
     Should the machine crash, Postgres may forget the last fraction of a
-    second of them (at most 3 × wal_writer_delay); it never forgets anything
-    inconsistently, and a restart of Postgres alone loses nothing. Waiting for
-    a flush per join or per chat line cost more than the rest of the work and,
-    on a busy disk, tens of milliseconds now and then: a reconnect storm or a
-    busy room would queue behind the disk. Sessions, lobbies created through
-    the API and administrators' actions commit durably as usual.
+    second of joins, leaves and mutes (at most 3 × wal_writer_delay), whose
+    connections are gone and come back anyway; it never forgets anything
+    inconsistently, and a restart of Postgres alone loses nothing. Not waiting
+    for a flush per join is what lets a reconnect storm through. Sessions,
+    lobbies created through the API, chat and administrators' actions commit
+    durably as usual.
     """
     with transaction.atomic():
         if connection.vendor == "postgresql":
@@ -486,18 +486,19 @@ def chat_send(
     be stored, whatever the database raises, and no one receives it.
     `received_at` (time.time() when it arrived) is for the delivery latency metric.
     """
-    with _soft_commit_transaction():
-        membership = (
-            selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
-            .select_related("session")
-            .first()
-        )
-        if membership is None:
-            raise NotInLobby(lobby_name)
-        message = ChatMessage.objects.create(
-            lobby_id=membership.lobby_id, session_id=membership.session_id, author_name=membership.session.name, text=text
-        )
-        publish(lobby_name, {"type": "lobby.deliver", "frame": selectors.chat_frame(message), "received_at": received_at})
+    membership = (
+        selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
+        .select_related("session")
+        .first()
+    )
+    if membership is None:
+        raise NotInLobby(lobby_name)
+    # Committed durably (unlike roster changes): the sender's copy promises
+    # that the message is kept.
+    message = ChatMessage.objects.create(
+        lobby_id=membership.lobby_id, session_id=membership.session_id, author_name=membership.session.name, text=text
+    )
+    publish(lobby_name, {"type": "lobby.deliver", "frame": selectors.chat_frame(message), "received_at": received_at})
     return message
 
 
