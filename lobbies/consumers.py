@@ -166,6 +166,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         presence.attach()
         await invalidation_listener.attach()
         self.peer_channels: dict[str, str] = {}
+        # What the client was last told of each peer (name, mute, state).
+        self.peers_told: dict[str, dict[str, Any]] = {}
         self.lobby_name = self.scope["url_route"]["kwargs"]["lobby_name"]
         # Bound after the process-wide tasks above have started, so they do not
         # inherit it. It lasts for the connection: channels runs all of a
@@ -252,6 +254,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         self.name = session.name
         presence.add(self.channel_name, joined.membership_id)
         self.peer_channels = {peer["peer_id"]: channel for peer, channel in joined.peers}
+        self.peers_told = {peer["peer_id"]: peer for peer, _ in joined.peers}
         self.chat_floor, self.chat_ids = joined.last_chat_id or 0, set()
         await self.send_frame(
             {
@@ -470,14 +473,16 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         present = {entry["peer"]["peer_id"]: entry for entry in roster if entry["peer"]["peer_id"] != self.peer_id}
         for peer_id in [peer_id for peer_id in self.peer_channels if peer_id not in present]:
             del self.peer_channels[peer_id]
+            self.peers_told.pop(peer_id, None)
             await self.send_frame({"type": "peer_left", "peer_id": peer_id})
         for peer_id, entry in present.items():
             known = self.peer_channels.get(peer_id)
             self.peer_channels[peer_id] = entry["channel"]
             if known is None:
                 await self.send_frame({"type": "peer_joined", "peer": entry["peer"]})
-            elif known != entry["channel"]:
+            elif known != entry["channel"] or self.peers_told.get(peer_id) != entry["peer"]:
                 await self.send_frame({"type": "peer_updated", "peer": entry["peer"]})
+            self.peers_told[peer_id] = entry["peer"]
 
     async def catch_up_chat(self) -> None:
         """Sends the stored chat messages the client lacks, as the `chat` frames they were."""
@@ -509,6 +514,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             # tell the client, so it drops the dead peer connection first.
             await self.send_frame({"type": "peer_left", "peer_id": peer_id})
         self.peer_channels[peer_id] = event["channel"]
+        self.peers_told[peer_id] = event["peer"]
         await self.send_frame({"type": "peer_joined", "peer": event["peer"]})
 
     async def lobby_peer_left(self, event: dict[str, Any]) -> None:
@@ -516,6 +522,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         if self.peer_id is None or self.peer_channels.get(peer_id) != event["channel"]:
             return
         del self.peer_channels[peer_id]
+        self.peers_told.pop(peer_id, None)
         await self.send_frame({"type": "peer_left", "peer_id": peer_id})
 
     async def lobby_peer_updated(self, event: dict[str, Any]) -> None:
@@ -526,9 +533,11 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             # Our own resume is told by the welcome; other news of us (mute) is passed on.
             if "channel" in event or event["peer"]["state"] != "connected":
                 return
-        elif "channel" in event:
-            # The peer resumed on a new connection.
-            self.peer_channels[peer_id] = event["channel"]
+        else:
+            if "channel" in event:
+                # The peer resumed on a new connection.
+                self.peer_channels[peer_id] = event["channel"]
+            self.peers_told[peer_id] = event["peer"]
         await self.send_frame({"type": "peer_updated", "peer": event["peer"]})
 
     async def lobby_replaced(self, event: dict[str, Any]) -> None:

@@ -62,6 +62,10 @@ async def test_a_redis_outage_keeps_the_process_serving_and_heals_by_itself(
     await negotiate(bob, alice)
     # Chat is stored, acknowledged and delivered on the process; Carol's misses it for now.
     during = await chat(alice, "during", bob)
+    await alice.send({"type": "mute", "muted": True})
+    for client in (alice, bob):
+        update = await client.receive()
+        assert (update["type"], update["peer"]["peer_id"], update["peer"]["muted"]) == ("peer_updated", alice.id, True)
     # What cannot reach the other process fails at once, with an error, and
     # the connection stays usable.
     await alice.send({"type": "offer", "to": carol.id, "sdp": "v=0 offer"})
@@ -80,8 +84,10 @@ async def test_a_redis_outage_keeps_the_process_serving_and_heals_by_itself(
 
     for server in (one, two):
         assert wait_for_status(f"{server.http}/readyz", 200, timeout=RECOVERY_SECONDS)["status"] == "ok"
-    # Carol's process tells her, unasked, what she missed: Bob left, and Alice's chat.
+    # Carol's process tells her, unasked, what she missed: Bob left, Alice muted, and Alice's chat.
     assert await carol.receive(timeout=RECOVERY_SECONDS) == {"type": "peer_left", "peer_id": bob.id}
+    update = await carol.receive()
+    assert (update["type"], update["peer"]["peer_id"], update["peer"]["muted"]) == ("peer_updated", alice.id, True)
     missed = await carol.receive()
     assert (missed["type"], missed["id"], missed["text"], missed["from"]) == ("chat", during, "during", alice.id)
     # Signaling and chat cross between the processes again.
