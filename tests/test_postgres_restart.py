@@ -201,3 +201,5 @@ async def test_postgres_restart_under_a_running_server(
     assert {peer["name"] for peer in welcome["peers"]} == {"Alice", "Bob"}
     await alice.close()
     await bob.close()
+    # The outage is logged as warnings, not as a traceback per request or per beat.
+    assert "Traceback" not in server.log.read_text()
