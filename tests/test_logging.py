@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import websockets
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
@@ -58,6 +59,23 @@ def test_a_json_line_has_the_standard_fields_the_context_and_extra_fields(json_l
     assert (first["request_id"], first["lobby"], first["answer"]) == ("req-1", "lounge", 42)
     # Unbinding ends the context.
     assert "request_id" not in after and "lobby" not in after
+
+
+def test_a_lost_connection_is_one_warning_line_and_other_errors_keep_their_traceback(json_log) -> None:
+    logger = logging.getLogger("channels_redis.pubsub")  # once a second per process while Redis is away
+    for error in (redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."), ValueError("a bug")):
+        try:
+            raise error
+        except Exception:
+            logger.exception("Unexpected exception in receive task")
+
+    lost, bug = json_log()
+    assert (lost["level"], lost["message"]) == (
+        "WARNING",
+        "Unexpected exception in receive task: ConnectionError: Error 111 connecting to 127.0.0.1:6379.",
+    )
+    assert "exc_info" not in lost
+    assert bug["level"] == "ERROR" and "ValueError: a bug" in bug["exc_info"]
 
 
 def test_an_exception_stays_on_one_json_line(json_log) -> None:

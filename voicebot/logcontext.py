@@ -14,6 +14,8 @@ from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any
 
+import redis
+
 # The fields, in the order the text format shows them.
 FIELDS = ("request_id", "connection_id", "session_id", "lobby", "bot", "assignment_id")
 
@@ -97,6 +99,39 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{context}]{newline}{rest}"
 
 
+# Raised when Redis (or any peer) cannot be reached.
+CONNECTION_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Loggers that report each failed Redis read, publish, health check or
+# sample: every second or so per process while Redis is away.
+OUTAGE_LOGGERS = ("channels_redis.pubsub", "lobbies.publisher", "lobbies.consumers", "health_check", "monitoring.sampler")
+
+
+def caused_by_lost_connection(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a lost connection."""
+    for _ in range(5):
+        if error is None:
+            return False
+        if isinstance(error, CONNECTION_ERRORS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class OutageFilter(logging.Filter):
+    """A lost connection is an outage, not a bug: its records become one
+    warning line naming the error, without a traceback. Other errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if caused_by_lost_connection(error):
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def logging_config(level: str, fmt: str) -> dict[str, Any]:
     """The LOGGING setting: one handler on stderr, JSON or text."""
     formatters = {
@@ -112,7 +147,10 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": "voicebot.logcontext.ContextFilter"}},
+        "filters": {
+            "context": {"()": "voicebot.logcontext.ContextFilter"},
+            "outage": {"()": "voicebot.logcontext.OutageFilter"},
+        },
         "formatters": formatters,
         "handlers": {
             "console": {"class": "logging.StreamHandler", "formatter": fmt, "filters": ["context"]},
@@ -124,6 +162,7 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         "loggers": {
             "uvicorn": {"handlers": ["console"], "level": level, "propagate": False},
             "uvicorn.access": {"handlers": [], "propagate": False},
+            **{name: {"filters": ["outage"]} for name in OUTAGE_LOGGERS},
         },
     }
 

@@ -106,6 +106,10 @@ async def test_a_redis_outage_keeps_the_process_serving_and_heals_by_itself(
 
     assert (one.process.pid, two.process.pid) == pids
     assert one.process.poll() is None and two.process.poll() is None
+    # The outage is in the logs as warnings, not as a traceback a second.
+    for server in (one, two):
+        log = server.log.read_text()
+        assert "Traceback" not in log and "Reconnected to Redis" in log
     for client in (alice, carol):
         await client.close()
 
