@@ -63,7 +63,7 @@ def test_a_json_line_has_the_standard_fields_the_context_and_extra_fields(json_l
 
 def test_a_lost_connection_is_one_warning_line_and_other_errors_keep_their_traceback(json_log) -> None:
     logger = logging.getLogger("channels_redis.pubsub")  # once a second per process while Redis is away
-    for error in (redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."), ValueError("a bug")):
+    for error in (redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."), FileNotFoundError("a bug")):
         try:
             raise error
         except Exception:
@@ -75,7 +75,7 @@ def test_a_lost_connection_is_one_warning_line_and_other_errors_keep_their_trace
         "Unexpected exception in receive task: ConnectionError: Error 111 connecting to 127.0.0.1:6379.",
     )
     assert "exc_info" not in lost
-    assert bug["level"] == "ERROR" and "ValueError: a bug" in bug["exc_info"]
+    assert bug["level"] == "ERROR" and "FileNotFoundError: a bug" in bug["exc_info"]
 
 
 def test_an_exception_stays_on_one_json_line(json_log) -> None:

@@ -8,6 +8,7 @@ on every record; the JSON formatter then writes them as fields.
 
 import logging
 import re
+import socket
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
@@ -99,8 +100,15 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{context}]{newline}{rest}"
 
 
-# Raised when Redis (or any peer) cannot be reached.
-CONNECTION_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Raised when Redis (or any peer) cannot be reached. Not all of OSError: a
+# missing file or a refused permission is a bug to see with its traceback.
+CONNECTION_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 # Loggers that report each failed Redis read, publish, health check or
 # sample: every second or so per process while Redis is away.
 OUTAGE_LOGGERS = ("channels_redis.pubsub", "lobbies.publisher", "lobbies.consumers", "health_check", "monitoring.sampler")
