@@ -22,21 +22,34 @@ group here gets a RESUBSCRIBED event, so it can fetch what it may have missed
 invalidations). Joins, whose new_channel() fails meanwhile, are refused.
 """
 
+import asyncio
 import logging
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The key that carries a group message's origin through Redis.
 ORIGIN_KEY = "__origin"
 # What deserialize() makes of a group message this layer sent itself.
 SENT_FROM_HERE = object()
+# How long a Redis command may take before it counts as failed. Redis that
+# accepts connections but answers nothing (paused, swapping) would otherwise
+# hold a relay, a join or the publisher's queue, which lobby events of every
+# connection of the process wait behind, until it answers again.
+REDIS_TIMEOUT_SECONDS = 2.0
 # Delivered to every group member of this process once the connection to
 # Redis is back after it broke: messages from other processes may be missing.
 RESUBSCRIBED = "layer.resubscribed"
+
+
+async def in_time(operation: Awaitable[T]) -> T:
+    """The operation's result; TimeoutError once it took REDIS_TIMEOUT_SECONDS."""
+    return await asyncio.wait_for(operation, REDIS_TIMEOUT_SECONDS)
 
 
 class LocalFirstChannelLayer(RedisPubSubChannelLayer):
@@ -50,15 +63,15 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         if queue is not None:
             queue.put_nowait(dict(message))
             return
-        await layer.send(channel, message)
+        await in_time(layer.send(channel, message))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
-        channel = await self._get_layer().new_channel(prefix)
+        channel = await in_time(self._get_layer().new_channel(prefix))
         self.watch_reconnects()
         return channel
 
     async def group_add(self, group: str, channel: str) -> None:
-        await self._get_layer().group_add(group, channel)
+        await in_time(self._get_layer().group_add(group, channel))
         self.watch_reconnects()
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -67,7 +80,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         subscription, if it was the group's last member, stays until the
         process stops; messages for a group with no member here are dropped."""
         try:
-            await self._get_layer().group_discard(group, channel)
+            await in_time(self._get_layer().group_discard(group, channel))
         except Exception as error:
             logger.warning("Could not unsubscribe from group %s in Redis: %s", group, error)
 
@@ -91,7 +104,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
     async def send_through_redis(self, channel: str, message: dict[str, Any]) -> None:
         """send(), but out to Redis and back even for a channel of this process:
         the readiness check's round trip."""
-        await self._get_layer().send(channel, message)
+        await in_time(self._get_layer().send(channel, message))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         layer = self._get_layer()
@@ -99,7 +112,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
             queue = layer.channels.get(channel)
             if queue is not None:
                 queue.put_nowait(dict(message))
-        await layer.group_send(group, {**message, ORIGIN_KEY: self.origin})
+        await in_time(layer.group_send(group, {**message, ORIGIN_KEY: self.origin}))
 
     async def receive(self, channel: str) -> dict[str, Any]:
         while True:

@@ -2,12 +2,14 @@
 and to channels of other processes through it."""
 
 import asyncio
+import signal
+import time
 import uuid
 
 import pytest
 import redis
 
-from lobbies.layers import RESUBSCRIBED, LocalFirstChannelLayer
+from lobbies.layers import REDIS_TIMEOUT_SECONDS, RESUBSCRIBED, LocalFirstChannelLayer
 from tests.conftest import OwnRedis
 
 
@@ -148,3 +150,22 @@ async def test_once_redis_is_back_group_members_hear_it_and_groups_span_processe
         await asyncio.wait_for(there.receive(alone), 0.3)
     await here.flush()
     await there.flush()
+
+
+async def test_a_stalled_redis_fails_sends_in_bounded_time_while_this_process_delivers(layers, own_redis) -> None:
+    """Redis that accepts connections but answers nothing (paused, swapping, stuck in a fork)."""
+    here, there = layers
+    remote = await there.new_channel()
+    member = await here.new_channel()
+    await here.group_add("lobby", member)
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(here.send(remote, {"type": "lobby.deliver", "text": "offer"}), 10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(here.group_send("lobby", {"type": "lobby.peer_left", "peer_id": "p"}), 10)
+        assert time.monotonic() - started < 2 * REDIS_TIMEOUT_SECONDS + 1
+        assert await asyncio.wait_for(here.receive(member), 1) == {"type": "lobby.peer_left", "peer_id": "p"}
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
