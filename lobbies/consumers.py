@@ -57,11 +57,13 @@ CLOSE_RATE_LIMITED = 4029
 # The database cannot be reached (restart, failover), like HTTP 503.
 CLOSE_UNAVAILABLE = 4503
 
-# Joins and leaves wait on Postgres more than they run Python, so a few run
-# side by side instead of queueing on the one thread all other database work
-# shares (the lobby's row lock still orders those of one lobby). The threads
+# A join waits on Postgres more than it runs Python, so a few run side by side
+# instead of queueing on the one thread all other database work shares (the
+# lobby's row lock still orders those of one lobby). Leaves stay on that
+# thread: run alongside, a reconnect storm's leaves and joins of the same
+# lobbies waited on each other's locks and the storm took longer. The threads
 # live as long as the process, not as long as one event loop.
-ROSTER_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roster")
+JOIN_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="join")
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
@@ -71,9 +73,9 @@ UNAVAILABLE_MESSAGE = "The service is temporarily unavailable; try again in a fe
 CHAT_IDS_REMEMBERED = 200
 
 
-def on_roster_thread(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """database_sync_to_async on one of ROSTER_THREADS."""
-    return database_sync_to_async(function, thread_sensitive=False, executor=ROSTER_THREADS)
+def on_join_thread(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """database_sync_to_async on one of JOIN_THREADS."""
+    return database_sync_to_async(function, thread_sensitive=False, executor=JOIN_THREADS)
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -222,7 +224,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             await self.refuse("unavailable", UNAVAILABLE_MESSAGE, CLOSE_UNAVAILABLE)
             return
         try:
-            joined = await on_roster_thread(services.lobby_join)(
+            joined = await on_join_thread(services.lobby_join)(
                 lobby_name=self.lobby_name,
                 session=session,
                 channel_name=self.channel_name,
@@ -307,7 +309,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         # kept for the session to resume.
         end = services.lobby_leave if close_code == 1000 else services.lobby_disconnect
         try:
-            await on_roster_thread(end)(
+            await database_sync_to_async(end)(
                 lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
             )
         except DATABASE_UNAVAILABLE as error:
