@@ -35,7 +35,7 @@ from lobbies.publisher import publisher
 from lobbies.selectors import asession_for_token, member_chat_history, member_roster
 from monitoring.services import audit_record
 from voicebot import logcontext
-from voicebot.middleware import DATABASE_UNAVAILABLE
+from voicebot.logcontext import DATABASE_UNAVAILABLE
 from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
@@ -386,11 +386,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 )
             except services.NotInLobby:
                 raise ProtocolError("not_in_lobby", NOT_IN_LOBBY_MESSAGE)
-            except Exception as error:
-                if isinstance(error, DATABASE_UNAVAILABLE):
-                    logger.warning("Database unavailable, chat not stored in lobby %s: %s", self.lobby_name, error)
-                else:
-                    logger.exception("Could not store a chat message in lobby %s", self.lobby_name)
+            except Exception:
+                logger.exception("Could not store a chat message in lobby %s", self.lobby_name)
                 raise ProtocolError("chat_failed", "Your message could not be stored, so no one got it; send it again.")
         elif isinstance(message, ChatHistory):
             try:
@@ -401,11 +398,8 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                     after=message.after,
                     limit=CHAT_HISTORY_LIMIT,
                 )
-            except Exception as error:
-                if isinstance(error, DATABASE_UNAVAILABLE):
-                    logger.warning("Database unavailable, no chat history for lobby %s: %s", self.lobby_name, error)
-                else:
-                    logger.exception("Could not read the chat history of lobby %s", self.lobby_name)
+            except Exception:
+                logger.exception("Could not read the chat history of lobby %s", self.lobby_name)
                 raise ProtocolError("chat_history_failed", "The chat history could not be read; ask again.")
             if page is None:
                 raise ProtocolError("not_in_lobby", NOT_IN_LOBBY_MESSAGE)

@@ -48,8 +48,10 @@ RESUBSCRIBED = "layer.resubscribed"
 
 
 async def in_time(operation: Awaitable[T]) -> T:
-    """The operation's result; TimeoutError once it took REDIS_TIMEOUT_SECONDS."""
-    return await asyncio.wait_for(operation, REDIS_TIMEOUT_SECONDS)
+    """The operation's result; TimeoutError once it took REDIS_TIMEOUT_SECONDS.
+    (asyncio.timeout, not wait_for, which would start a task per message.)"""
+    async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+        return await operation
 
 
 class LocalFirstChannelLayer(RedisPubSubChannelLayer):

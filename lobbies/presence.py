@@ -16,7 +16,6 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from lobbies import services
-from voicebot.middleware import DATABASE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +58,12 @@ class Presence:
             if time.monotonic() >= self.chat_prune_due:
                 self.chat_prune_due = time.monotonic() + CHAT_PRUNE_EVERY_SECONDS
                 await self.prune_chat()
-        except DATABASE_UNAVAILABLE as error:
-            # The database is briefly away (restart, failover); the next beat tries again.
-            logger.warning("Presence beat skipped, the database is unavailable: %s", error)
         except Exception:
+            # The database may be briefly away; the next beat tries again.
             logger.exception("Presence beat failed")
 
     async def prune_chat(self) -> None:
-        # One batch per thread hop: joins queued behind it wait for one batch only.
+        # One batch per thread hop: leaves and chat queued behind it wait for one batch only.
         while await database_sync_to_async(services.chat_prune)(limit=CHAT_PRUNE_BATCH) == CHAT_PRUNE_BATCH:
             pass
 

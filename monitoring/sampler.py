@@ -29,7 +29,6 @@ from lobbies import metrics as lobby_metrics
 from monitoring import health, services
 from monitoring.metrics import connections_in_use, pool_stats
 from monitoring.samples import COUNTS, HISTOGRAMS, Histogram
-from voicebot.middleware import DATABASE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +159,6 @@ class Sampler:
                 pass
             try:
                 await self.tick()
-            except DATABASE_UNAVAILABLE as error:
-                # An outage shows on the dashboard as a gap, and in /readyz; no traceback every tick.
-                logger.warning("Monitoring sample skipped, the database is unavailable: %s", error)
             except Exception:
                 # An outage shows on the dashboard as a gap; sampling goes on.
                 logger.warning("Could not take or store a monitoring sample", exc_info=True)

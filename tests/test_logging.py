@@ -31,6 +31,7 @@ def captured(fmt: str) -> tuple[logging.Handler, Callable[[], list[str]]]:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.config.DictConfigurator(config).configure_formatter(config["formatters"][fmt]))
     handler.addFilter(logcontext.ContextFilter())
+    handler.addFilter(logcontext.OutageFilter())
     return handler, lambda: stream.getvalue().splitlines()
 
 

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 import redis
+from django.db import InterfaceError, OperationalError
 
 # The fields, in the order the text format shows them.
 FIELDS = ("request_id", "connection_id", "session_id", "lobby", "bot", "assignment_id")
@@ -100,18 +101,20 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{context}]{newline}{rest}"
 
 
-# Raised when Redis (or any peer) cannot be reached. Not all of OSError: a
-# missing file or a refused permission is a bug to see with its traceback.
+# What Django raises when the database cannot be reached or its connection
+# broke: a restart, a failover, or no pooled connection within
+# DATABASE_POOL_TIMEOUT (psycopg_pool's PoolTimeout, which Django wraps).
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+# Raised when Redis, Postgres or any peer cannot be reached. Not all of
+# OSError: a missing file or a refused permission is a bug to see with its traceback.
 CONNECTION_ERRORS = (
     ConnectionError,
     TimeoutError,
     socket.gaierror,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    *DATABASE_UNAVAILABLE,
 )
-# Loggers that report each failed Redis read, publish, health check or
-# sample: every second or so per process while Redis is away.
-OUTAGE_LOGGERS = ("channels_redis.pubsub", "lobbies.publisher", "lobbies.consumers", "health_check", "monitoring.sampler")
 
 
 def caused_by_lost_connection(error: BaseException | None) -> bool:
@@ -127,7 +130,8 @@ def caused_by_lost_connection(error: BaseException | None) -> bool:
 
 class OutageFilter(logging.Filter):
     """A lost connection is an outage, not a bug: its records become one
-    warning line naming the error, without a traceback. Other errors keep theirs."""
+    warning line naming the error, without a traceback (while Redis is away,
+    channels-redis alone reports one a second per process). Other errors keep theirs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -161,7 +165,7 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         },
         "formatters": formatters,
         "handlers": {
-            "console": {"class": "logging.StreamHandler", "formatter": fmt, "filters": ["context"]},
+            "console": {"class": "logging.StreamHandler", "formatter": fmt, "filters": ["context", "outage"]},
         },
         "root": {"handlers": ["console"], "level": level},
         # uvicorn sets up its own plain-text handler before it loads Django;
@@ -170,7 +174,6 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         "loggers": {
             "uvicorn": {"handlers": ["console"], "level": level, "propagate": False},
             "uvicorn.access": {"handlers": [], "propagate": False},
-            **{name: {"filters": ["outage"]} for name in OUTAGE_LOGGERS},
         },
     }
 

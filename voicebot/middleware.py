@@ -9,7 +9,6 @@ from contextvars import Token
 from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils.decorators import sync_and_async_middleware
@@ -19,14 +18,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from lobbies.ratelimit import client_ip
 from voicebot import logcontext, security
+from voicebot.logcontext import DATABASE_UNAVAILABLE
 from voicebot.tracing import header_carrier, tracer
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
-# What Django raises when the database cannot be reached or its connection
-# broke: a restart, a failover, or no pooled connection within
-# DATABASE_POOL_TIMEOUT (psycopg_pool's PoolTimeout, which Django wraps).
-DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 # Seconds a client is told to wait before trying again.
 DATABASE_RETRY_AFTER_SECONDS = 5
 
