@@ -1,9 +1,11 @@
+import asyncio
+import contextvars
 import json
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs
@@ -57,13 +59,10 @@ CLOSE_RATE_LIMITED = 4029
 # The database cannot be reached (restart, failover), like HTTP 503.
 CLOSE_UNAVAILABLE = 4503
 
-# A join waits on Postgres more than it runs Python, so a few run side by side
-# instead of queueing on the one thread all other database work shares (the
-# lobby's row lock still orders those of one lobby). Leaves stay on that
-# thread: run alongside, a reconnect storm's leaves and joins of the same
-# lobbies waited on each other's locks and the storm took longer. The threads
-# live as long as the process, not as long as one event loop.
-JOIN_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="join")
+# How many joins one transaction takes at most (see JoinBatches).
+JOIN_BATCH_LIMIT = 100
+# The joins' own thread, which lives as long as the process, not as long as one event loop.
+JOIN_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="join")
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
@@ -73,9 +72,51 @@ UNAVAILABLE_MESSAGE = "The service is temporarily unavailable; try again in a fe
 CHAT_IDS_REMEMBERED = 200
 
 
-def on_join_thread(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """database_sync_to_async on one of JOIN_THREADS."""
-    return database_sync_to_async(function, thread_sensitive=False, executor=JOIN_THREADS)
+class JoinBatches:
+    """Runs the joins of this process in batches, one transaction each
+    (services.lobby_join_many), on JOIN_THREAD.
+
+    A join waits on Postgres more than it runs Python: joins that arrive while
+    a batch is in the database go together in the next one, so a reconnect
+    storm costs a few round trips per batch instead of several per join.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiting: list[tuple[services.JoinRequest, asyncio.Future[services.JoinResult]]] = []
+        self.running: asyncio.Task[None] | None = None
+
+    async def join(self, request: services.JoinRequest) -> services.JoinResult:
+        """The join's result; raises what refused it (see services.lobby_join)."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            self.loop, self.waiting, self.running = loop, [], None
+        joined = loop.create_future()
+        self.waiting.append((request, joined))
+        if self.running is None or self.running.done():
+            # In a context of its own: it must not carry the first joiner's log fields.
+            self.running = loop.create_task(self.run(), context=contextvars.Context())
+        return await joined
+
+    async def run(self) -> None:
+        join_many = database_sync_to_async(services.lobby_join_many, thread_sensitive=False, executor=JOIN_THREAD)
+        while self.waiting:
+            batch, self.waiting = self.waiting[:JOIN_BATCH_LIMIT], self.waiting[JOIN_BATCH_LIMIT:]
+            try:
+                outcomes = await join_many(requests=[request for request, _ in batch])
+            except Exception as error:
+                outcomes = [error] * len(batch)
+            metrics.join_batch_done(len(batch))
+            for (_, joined), outcome in zip(batch, outcomes):
+                if joined.done():  # its connection is gone
+                    continue
+                if isinstance(outcome, Exception):
+                    joined.set_exception(outcome)
+                else:
+                    joined.set_result(outcome)
+
+
+join_batches = JoinBatches()
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -224,11 +265,13 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             await self.refuse("unavailable", UNAVAILABLE_MESSAGE, CLOSE_UNAVAILABLE)
             return
         try:
-            joined = await on_join_thread(services.lobby_join)(
-                lobby_name=self.lobby_name,
-                session=session,
-                channel_name=self.channel_name,
-                password=connection_password(self.scope),
+            joined = await join_batches.join(
+                services.JoinRequest(
+                    lobby_name=self.lobby_name,
+                    session=session,
+                    channel_name=self.channel_name,
+                    password=connection_password(self.scope),
+                )
             )
         except services.LobbyFull:
             await self.refuse("lobby_full", "This lobby is full.", CLOSE_LOBBY_FULL)

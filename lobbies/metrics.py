@@ -92,6 +92,11 @@ layer_send_failures = Counter(
     "Channel layer sends that failed, by operation and reason (full or error).",
     ["operation", "reason"],
 )
+join_batch_size = Histogram(
+    "voicebot_join_batch_size",
+    "Joins decided together in one database transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100),
+)
 
 # Pre-create the label sets, so every series is exported as 0 from the start
 # (rate() then sees the first increment) and the hot path skips label lookups.
@@ -144,3 +149,7 @@ def layer_sent(operation: str, seconds: float) -> None:
 
 def layer_failed(operation: str, reason: str) -> None:
     layer_send_failures.labels(operation, reason).inc()
+
+
+def join_batch_done(size: int) -> None:
+    join_batch_size.observe(size)

@@ -106,6 +106,18 @@ def lobby_create(
         raise LobbyNameTaken(name)
 
 
+@dataclass
+class JoinRequest:
+    """One connection asking for a place in a lobby (see lobby_join)."""
+
+    lobby_name: str
+    session: Session
+    channel_name: str
+    password: str = ""
+    # The lobby's password hash, once `password` was checked against it.
+    opened_hash: str = ""
+
+
 def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password: str = "") -> JoinResult:
     """Put `session` in the lobby through `channel_name`, creating a public
     lobby of that name if needed (but not from a connection that brings a password).
@@ -116,19 +128,37 @@ def lobby_join(*, lobby_name: str, session: Session, channel_name: str, password
     Anyone else needs the lobby's password, if it has one, and is refused
     from a closed lobby and from one it was kicked out of for a while.
     """
-    try:
-        return _join(lobby_name=lobby_name, session=session, channel_name=channel_name, password=password)
-    except BadPassword:
-        if not password:
-            raise
-    # Hashing is slow on purpose, so it is done only when the join needs it,
-    # outside the lobby's lock; the join then checks the hash is still the lobby's.
-    lobby = Lobby.objects.filter(name=lobby_name).first()
-    if not selectors.lobby_password_opens(lobby, password):
-        raise BadPassword(lobby_name)
-    return _join(
-        lobby_name=lobby_name, session=session, channel_name=channel_name, password=password, opened_hash=lobby.password_hash
-    )
+    request = JoinRequest(lobby_name=lobby_name, session=session, channel_name=channel_name, password=password)
+    outcome = lobby_join_many(requests=[request])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def lobby_join_many(*, requests: list[JoinRequest]) -> list[JoinResult | Exception]:
+    """lobby_join for many connections at once, in one transaction: each
+    request's result, or the exception that refused it (LobbyFull, BadPassword,
+    LobbyClosed, SessionKicked). They are decided in the order given, exactly
+    as if joined one after the other. An error of the database fails them all.
+
+    A reconnect storm brings hundreds of joins a second: one at a time, each
+    held its lobby's lock for several round trips to Postgres and Redis.
+    """
+    outcomes = _join_batch(requests)
+    # Hashing is slow on purpose, so it is done only for the joins that need
+    # it, outside the lobbies' locks; they then join again, and the join checks
+    # that the hash is still the lobby's.
+    opened = []
+    for index, (request, outcome) in enumerate(zip(requests, outcomes)):
+        if isinstance(outcome, BadPassword) and request.password:
+            lobby = Lobby.objects.filter(name=request.lobby_name).first()
+            if selectors.lobby_password_opens(lobby, request.password):
+                request.opened_hash = lobby.password_hash
+                opened.append(index)
+    if opened:
+        for index, outcome in zip(opened, _join_batch([requests[index] for index in opened])):
+            outcomes[index] = outcome
+    return outcomes
 
 
 @contextmanager
@@ -151,45 +181,127 @@ def _soft_commit_transaction() -> Iterator[None]:
         yield
 
 
-@_soft_commit_transaction()
-def _join(*, lobby_name: str, session: Session, channel_name: str, password: str, opened_hash: str = "") -> JoinResult:
-    # The row lock serialises changes to one lobby's roster: two joins cannot
-    # both take its last place, and the cached roster follows commit order.
-    created = False
-    if password:
-        # A password must not create a lobby: that would tell which names exist.
-        lobby = Lobby.objects.select_for_update().filter(name=lobby_name).first()
-        if lobby is None:
-            raise BadPassword(lobby_name)
-    else:
-        lobby, created = Lobby.objects.select_for_update().get_or_create(
-            name=lobby_name, defaults={"created_by": session}
+def _create_lobbies(requests: list[JoinRequest]) -> None:
+    """Create the public lobbies that joins without a password ask for and
+    that do not exist yet, each committed at once: the joins then lock every
+    lobby they need in one statement, in name order, so that two batches
+    (perhaps in two processes) cannot wait on each other."""
+    wanted = {request.lobby_name: request.session for request in requests if not request.password}
+    existing = set(Lobby.objects.filter(name__in=wanted).values_list("name", flat=True))
+    for name in sorted(wanted.keys() - existing):
+        lobby, created = Lobby.objects.get_or_create(name=name, defaults={"created_by": wanted[name]})
+        if created:
+            # Known to be empty and free of bans: the first joins need not ask the database.
+            selectors.cache_roster(lobby, [])
+            selectors.cache_no_bans(lobby)
+
+
+def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
+    _create_lobbies(requests)
+    with _soft_commit_transaction():
+        # The row locks serialise changes to each lobby's roster: two joins
+        # cannot both take its last place, and the cached roster follows commit order.
+        names = sorted({request.lobby_name for request in requests})
+        locked = Lobby.objects.select_for_update().filter(name__in=names).order_by("name")
+        lobbies = {lobby.name: lobby for lobby in locked}
+        rosters = {lobby.pk: selectors.lobby_roster(lobby) for lobby in lobbies.values()}
+        memberships = _live_memberships_in(rosters, requests)
+        joins = [_join_one(request, lobbies, rosters, memberships) for request in requests]
+
+        # Every membership read from the database belongs to a session that resumed it.
+        Membership.objects.bulk_update(
+            [membership for membership in memberships.values() if membership.pk is not None],
+            ["state", "channel_name", "disconnected_at", "last_seen_at"],
         )
-    if created:
-        selectors.cache_no_bans(lobby)
-    roster = [] if created else selectors.lobby_roster(lobby)
-    mine = next((entry for entry in roster if entry["peer"]["peer_id"] == str(session.pk)), None)
-    others = [entry for entry in roster if entry is not mine]
+        Membership.objects.bulk_create([membership for membership in memberships.values() if membership.pk is None])
+        changed = {join[1].lobby_id for join in joins if not isinstance(join, Exception)}
+        last_chat_ids = {}
+        for lobby in lobbies.values():
+            if lobby.pk in changed:
+                _roster_changed(lobby, rosters[lobby.pk])
+                last_chat_ids[lobby.pk] = selectors.lobby_last_chat_id(lobby)
+        by_id = {lobby.pk: lobby for lobby in lobbies.values()}
+        return [
+            join if isinstance(join, Exception) else _join_result(by_id[join[1].lobby_id], *join, rosters, last_chat_ids)
+            for join in joins
+        ]
 
+
+def _live_memberships_in(
+    rosters: dict[int, list[selectors.RosterEntry]], requests: list[JoinRequest]
+) -> dict[tuple[int, str], Membership]:
+    """The live memberships of the requesting sessions that are in the
+    rosters already, by (lobby id, session id): they resume their places."""
+    sessions = {str(request.session.pk) for request in requests}
+    wanted = Q()
+    for lobby_id, roster in rosters.items():
+        present = [entry["peer"]["peer_id"] for entry in roster if entry["peer"]["peer_id"] in sessions]
+        if present:
+            wanted |= Q(lobby_id=lobby_id, session_id__in=present)
+    if not wanted:
+        return {}
+    found = Membership.objects.select_related("session").filter(wanted, left_at__isnull=True)
+    return {(membership.lobby_id, str(membership.session_id)): membership for membership in found}
+
+
+def _join_one(
+    request: JoinRequest,
+    lobbies: dict[str, Lobby],
+    rosters: dict[int, list[selectors.RosterEntry]],
+    memberships: dict[tuple[int, str], Membership],
+) -> tuple[selectors.RosterEntry, Membership] | Exception:
+    """Decide one join of a batch, changing `rosters` and `memberships` (not
+    yet the database) as it goes: the newcomer's roster entry and its
+    membership, or the exception that refuses it."""
+    lobby = lobbies.get(request.lobby_name)
+    if lobby is None:
+        # A password must not create a lobby: that would tell which names exist.
+        return BadPassword(request.lobby_name) if request.password else LobbyClosed(request.lobby_name)
+    roster = rosters[lobby.pk]
+    session_id = str(request.session.pk)
+    mine = next((entry for entry in roster if entry["peer"]["peer_id"] == session_id), None)
+    if mine is not None and (lobby.pk, session_id) not in memberships:
+        # Its row was deleted without the services (in the admin, say), so the
+        # cached roster outlived it: the session joins afresh.
+        roster = [entry for entry in roster if entry is not mine]
+        mine = None
     if mine is None:
-        _check_admission(lobby, session, opened_hash)
-        if len(others) >= lobby.max_participants:
-            raise LobbyFull(lobby_name)
-        membership = Membership.objects.create(session=session, lobby=lobby, channel_name=channel_name)
-        publish(lobby_name, {"type": "lobby.peer_joined", "peer": peer_of(membership), "channel": channel_name})
+        try:
+            _check_admission(lobby, request.session, request.opened_hash)
+        except (BadPassword, LobbyClosed, SessionKicked) as refusal:
+            return refusal
+        if len(roster) >= lobby.max_participants:
+            return LobbyFull(request.lobby_name)
+        membership = Membership(session=request.session, lobby=lobby, channel_name=request.channel_name)
+        memberships[lobby.pk, session_id] = membership
+        joined = {"type": "lobby.peer_joined", "peer": peer_of(membership), "channel": request.channel_name}
+        publish(request.lobby_name, joined)
     else:
-        membership = lobby.memberships.select_related("session").get(session=session, left_at__isnull=True)
-        _resume(membership, lobby_name, channel_name)
+        membership = memberships[lobby.pk, session_id]
+        _resume(membership, request.lobby_name, request.channel_name)
+    entry: selectors.RosterEntry = {"peer": peer_of(membership), "channel": request.channel_name}
+    rosters[lobby.pk] = [entry if old is mine else old for old in roster] if mine else [*roster, entry]
+    return entry, membership
 
-    peer = peer_of(membership)
-    entry: selectors.RosterEntry = {"peer": peer, "channel": channel_name}
-    _roster_changed(lobby, [entry if old is mine else old for old in roster] if mine else [*roster, entry])
+
+def _join_result(
+    lobby: Lobby,
+    entry: selectors.RosterEntry,
+    membership: Membership,
+    rosters: dict[int, list[selectors.RosterEntry]],
+    last_chat_ids: dict[int, int | None],
+) -> JoinResult:
+    # The others are everyone in the lobby once the whole batch is in,
+    # including those who joined after this one in the batch: the news of them
+    # is already on its way to this connection, and could otherwise reach it
+    # after its client (told by another) sent them something.
+    peer_id = entry["peer"]["peer_id"]
     return JoinResult(
         lobby=lobby,
         membership_id=membership.pk,
-        peer=peer,
-        peers=[(entry["peer"], entry["channel"]) for entry in others],
-        last_chat_id=None if created else selectors.lobby_last_chat_id(lobby),
+        peer=entry["peer"],
+        peers=[(other["peer"], other["channel"]) for other in rosters[lobby.pk] if other["peer"]["peer_id"] != peer_id],
+        last_chat_id=last_chat_ids[lobby.pk],
     )
 
 
@@ -208,6 +320,7 @@ def _check_admission(lobby: Lobby, session: Session, opened_hash: str) -> None:
 
 
 def _resume(membership: Membership, lobby_name: str, channel_name: str) -> None:
+    """Give the membership to a new connection; the caller saves it."""
     if membership.state == Membership.State.CONNECTED:
         # Its old connection is still open, or its server died: either way it is gone now.
         tell_channel(membership.channel_name, {"type": "lobby.replaced"})
@@ -217,7 +330,6 @@ def _resume(membership: Membership, lobby_name: str, channel_name: str) -> None:
     membership.channel_name = channel_name
     membership.disconnected_at = None
     membership.last_seen_at = timezone.now()
-    membership.save(update_fields=["state", "channel_name", "disconnected_at", "last_seen_at"])
     publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership), "channel": channel_name})
 
 

@@ -234,6 +234,12 @@ class Soak:
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             raise RuntimeError(f"{len(failures)} of {len(results)} connects failed; first: {failures[0]!r}")
+        # As a browser, nobody greets a peer before its server announced it.
+        deadline = time.monotonic() + 10
+        while any(seat.client.peers_known < len(self.lobbies[seat.lobby]) - 1 for seat in self.seats):
+            if time.monotonic() > deadline:
+                raise RuntimeError("peer_joined events did not reach every client within 10 s")
+            await asyncio.sleep(0.01)
         for seat in self.seats:
             seat.connected = True
         self.progress(f"  {options.clients} clients joined {options.lobbies} lobbies in {time.perf_counter() - started:.1f} s")

@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand
 from django.db import connection
 
 from lobbies import cache, selectors, services
+from lobbies.consumers import join_batches
 from lobbies.models import Lobby, Session
 from lobbies.publisher import publisher
 
@@ -72,10 +73,12 @@ class Command(BaseCommand):
             async with gate:
                 started = time.perf_counter()
                 session = await selectors.asession_for_token(token)
-                await database_sync_to_async(services.lobby_join)(
-                    lobby_name=lobby_names[index % len(lobby_names)],
-                    session=session,
-                    channel_name=f"bench.{tag}!{index}",
+                await join_batches.join(
+                    services.JoinRequest(
+                        lobby_name=lobby_names[index % len(lobby_names)],
+                        session=session,
+                        channel_name=f"bench.{tag}!{index}",
+                    )
                 )
                 return time.perf_counter() - started
 
