@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
+from voicebot.queues import OneReaderQueue
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -68,7 +70,11 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         await in_time(layer.send(channel, message))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
-        channel = await in_time(self._get_layer().new_channel(prefix))
+        layer = self._get_layer()
+        channel = await in_time(layer.new_channel(prefix))
+        # Every connection has one: an asyncio.Queue is about 3.2 KiB. Nothing
+        # can have been sent to the channel yet, as nobody knows its name.
+        layer.channels[channel] = OneReaderQueue()
         self.watch_reconnects()
         return channel
 

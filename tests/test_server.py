@@ -1,14 +1,22 @@
-"""The production server's WebSocket compression (voicebot/server.py): large
+"""The production server's WebSocket protocol (voicebot/server.py): large
 messages go compressed to clients that offer permessage-deflate, small ones
-as they are, and none when it is switched off."""
+as they are, and none when it is switched off; an idle connection keeps
+nothing it no longer needs."""
 
+import asyncio
 import json
 from collections.abc import Callable
 
+import pytest
+import uvicorn
 import websockets
+from channels.layers import get_channel_layer
 
 from lobbies.loadtest.clients import SDP, CountingConnection, Tally
-from tests.conftest import LiveClient, LiveServer
+from tests.conftest import LiveClient, LiveServer, Person, free_port
+from voicebot.asgi import application
+from voicebot.queues import OneReaderQueue
+from voicebot.server import WebSocketProtocol
 
 CANDIDATE = {"candidate": "candidate:1 1 udp 2122194687 192.0.2.2 46589 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
 
@@ -57,3 +65,30 @@ async def test_no_compression_when_switched_off(start_production_server: Callabl
 
     assert "Sec-WebSocket-Extensions" not in receiving.response.headers
     await receiving.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("channel_layer")
+async def test_an_idle_connection_keeps_no_handshake_and_only_small_queues(alice: Person) -> None:
+    config = uvicorn.Config(application, host="127.0.0.1", port=free_port(), ws=WebSocketProtocol, lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        async with websockets.connect(f"ws://127.0.0.1:{config.port}/ws/lobby/idle/?token={alice.token}") as socket:
+            assert json.loads(await socket.recv())["type"] == "welcome"
+            [connection] = server.server_state.connections
+
+            assert connection.request is None and connection.response is None
+            assert isinstance(connection.queue, OneReaderQueue) and connection.queue.items is None
+            layer = get_channel_layer()
+            if hasattr(layer, "_get_layer"):  # the Redis layer; the in-memory one keeps its own queues
+                queues = layer._get_layer().channels.values()
+                assert queues and all(isinstance(queue, OneReaderQueue) for queue in queues)
+            # and it still serves its client
+            await socket.send(json.dumps({"type": "ping"}))
+            assert json.loads(await socket.recv()) == {"type": "pong"}
+    finally:
+        server.should_exit = True
+        await serving

@@ -4,6 +4,7 @@ which compresses large messages only (docs/performance.md#compression)."""
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from django.conf import settings
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -11,6 +12,8 @@ from websockets.extensions.base import Extension
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.typing import ExtensionParameter
+
+from voicebot.queues import OneReaderQueue
 
 # --no-access-log: voicebot.access logs every request with its request ID.
 # --ws-max-size: a message over 1 MiB ends the connection (1009); up to that,
@@ -70,11 +73,24 @@ class ThresholdDeflateFactory(ServerPerMessageDeflateFactory):
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, compressing as VOICEBOT_WS_COMPRESSION says
-    for clients that offer permessage-deflate."""
+    for clients that offer permessage-deflate, in less memory per connection:
+    a small queue for what the client sends (voicebot.queues), and no copy of
+    the handshake once it is done."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
+        self.queue = OneReaderQueue()
         if settings.VOICEBOT_WS_COMPRESSION:
             self.conn.available_extensions = [ThresholdDeflateFactory(settings.VOICEBOT_WS_COMPRESSION_MIN_BYTES)]
         else:
             self.conn.available_extensions = []
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        # uvicorn keeps the handshake's request and response, headers and all
+        # (about 3 KiB), for as long as the connection lasts, and so does
+        # websockets' parser the request; nothing reads them once the
+        # handshake is done.
+        if self.handshake_complete and self.request is not None:
+            self.request.headers.clear()
+            self.request = self.response = None
