@@ -231,6 +231,10 @@ def test_a_visit_can_be_followed_in_a_live_servers_json_log(
         key: connected[key] for key in ("connection_id", "session_id", "lobby", "request_id")
     }
     assert alice.token not in log_path.read_text()
+    # The server's own lines stay; its lines for each WebSocket, which the consumer's replace, do not.
+    assert any(r["logger"] == "uvicorn.error" and r["message"].startswith("Uvicorn running on") for r in records)
+    uvicorn_lines = [r["message"] for r in records if r["logger"] == "uvicorn.error"]
+    assert not [line for line in uvicorn_lines if "[accepted]" in line or line.startswith("connection ")]
 
 
 def test_a_malformed_log_call_does_not_raise_in_the_caller(json_log) -> None:
