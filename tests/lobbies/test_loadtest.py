@@ -1,5 +1,6 @@
 """`manage.py loadtest` runs and reports (a smoke run of a few seconds; the
-figures themselves are for people to read, never asserted here)."""
+figures themselves are for people to read, never asserted here), and its
+sweep's rule for where a rate stops."""
 
 import json
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lobbies.loadtest.clients import Tally
+from lobbies.loadtest.scenarios import Options, sweep
 from tests.conftest import PROJECT_DIR, production_env
 
 
@@ -57,3 +60,37 @@ def test_it_refuses_a_server_elsewhere_unless_told(env: dict[str, str]) -> None:
     run = loadtest("--url", "http://192.0.2.10:8000", env=env)
     assert run.returncode != 0
     assert "not on this machine; pass --allow-remote" in run.stderr
+
+
+class Unmeasured:
+    """A target whose CPU and memory are not known (as a --url server without --server-pid)."""
+
+    def cpu_seconds(self) -> None:
+        return None
+
+    def rss_bytes(self) -> None:
+        return None
+
+
+async def test_a_sweep_tries_a_rate_again_after_one_latency_spike() -> None:
+    tally = Tally()
+    # The latency of every message of each step after the warm-up: the rate of
+    # 200/s has one spike, the rate of 400/s two in a row.
+    plan = iter([0.001, 0.050, 0.001, 0.050, 0.050])
+    latency: dict[int, float] = {}
+
+    async def send(index: int, number: int) -> None:
+        if number not in latency:
+            latency[number] = next(plan) if latency else 0.001
+        tally.steps[number].received += 1
+        tally.steps[number].latencies.append(latency[number])
+
+    lines: list[str] = []
+    options = Options(start_rate=100, step_seconds=0.2, growth=2.0, max_rate=1000)
+    figures = await sweep("pairs", Unmeasured(), tally, send, 1, options, lines.append)
+
+    verdicts = [(line.split("offered ")[1].split("/s")[0], line.rsplit(": ", 1)[1]) for line in lines]
+    assert verdicts == [
+        ("100", "ok"), ("200", "p99 too high"), ("200", "ok"), ("400", "p99 too high"), ("400", "p99 too high")
+    ]
+    assert figures["pairs_p99_ms"] == pytest.approx(1.0) and figures["pairs_rate"] > 150
