@@ -214,17 +214,13 @@ def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
             ["state", "channel_name", "disconnected_at", "last_seen_at"],
         )
         Membership.objects.bulk_create([membership for membership in memberships.values() if membership.pk is None])
-        changed = {join[1].lobby_id for join in joins if not isinstance(join, Exception)}
+        changed = {join[0].pk for join in joins if not isinstance(join, Exception)}
         last_chat_ids = {}
         for lobby in lobbies.values():
             if lobby.pk in changed:
                 _roster_changed(lobby, rosters[lobby.pk])
                 last_chat_ids[lobby.pk] = selectors.lobby_last_chat_id(lobby)
-        by_id = {lobby.pk: lobby for lobby in lobbies.values()}
-        return [
-            join if isinstance(join, Exception) else _join_result(by_id[join[1].lobby_id], *join, rosters, last_chat_ids)
-            for join in joins
-        ]
+        return [join if isinstance(join, Exception) else _join_result(*join, rosters, last_chat_ids) for join in joins]
 
 
 def _live_memberships_in(
@@ -249,10 +245,10 @@ def _join_one(
     lobbies: dict[str, Lobby],
     rosters: dict[int, list[selectors.RosterEntry]],
     memberships: dict[tuple[int, str], Membership],
-) -> tuple[selectors.RosterEntry, Membership] | Exception:
+) -> tuple[Lobby, selectors.RosterEntry, Membership] | Exception:
     """Decide one join of a batch, changing `rosters` and `memberships` (not
-    yet the database) as it goes: the newcomer's roster entry and its
-    membership, or the exception that refuses it."""
+    yet the database) as it goes: the lobby, the newcomer's roster entry and
+    its membership, or the exception that refuses it."""
     lobby = lobbies.get(request.lobby_name)
     if lobby is None:
         # A password must not create a lobby: that would tell which names exist.
@@ -281,7 +277,7 @@ def _join_one(
         _resume(membership, request.lobby_name, request.channel_name)
     entry: selectors.RosterEntry = {"peer": peer_of(membership), "channel": request.channel_name}
     rosters[lobby.pk] = [entry if old is mine else old for old in roster] if mine else [*roster, entry]
-    return entry, membership
+    return lobby, entry, membership
 
 
 def _join_result(
