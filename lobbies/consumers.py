@@ -5,9 +5,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -41,6 +41,8 @@ from voicebot.logcontext import DATABASE_UNAVAILABLE
 from voicebot.tracing import tracer
 
 logger = logging.getLogger(__name__)
+Request = TypeVar("Request")
+Outcome = TypeVar("Outcome")
 
 # Application close codes (daphne, the development server, only sends 1000
 # and 3000-4999; every server sends these).
@@ -59,10 +61,10 @@ CLOSE_RATE_LIMITED = 4029
 # The database cannot be reached (restart, failover), like HTTP 503.
 CLOSE_UNAVAILABLE = 4503
 
-# How many joins one transaction takes at most (see JoinBatches).
-JOIN_BATCH_LIMIT = 100
-# The joins' own thread, which lives as long as the process, not as long as one event loop.
-JOIN_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="join")
+# How many joins, or leaves, one transaction takes at most (see Batches).
+BATCH_LIMIT = 100
+# The thread of joins and leaves, which lives as long as the process, not as long as one event loop.
+ROSTER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roster")
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
@@ -72,51 +74,60 @@ UNAVAILABLE_MESSAGE = "The service is temporarily unavailable; try again in a fe
 CHAT_IDS_REMEMBERED = 200
 
 
-class JoinBatches:
-    """Runs the joins of this process in batches, one transaction each
-    (services.lobby_join_many), on JOIN_THREAD.
+class Batches(Generic[Request, Outcome]):
+    """Runs one roster service (services.lobby_join_many, lobby_leave_many)
+    for the connections of this process in batches, one transaction each, on
+    ROSTER_THREAD.
 
-    A join waits on Postgres more than it runs Python: joins that arrive while
-    a batch is in the database go together in the next one, so a reconnect
-    storm costs a few round trips per batch instead of several per join.
+    A join or a leave waits on Postgres more than it runs Python: those that
+    arrive while a batch is in the database go together in the next one, so a
+    reconnect storm costs a few round trips per batch instead of several per
+    connection.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, service: Callable[..., list[Outcome | Exception]], batch_done: Callable[[int], None]
+    ) -> None:
+        self.service = service
+        self.batch_done = batch_done
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.waiting: list[tuple[services.JoinRequest, asyncio.Future[services.JoinResult]]] = []
+        self.waiting: list[tuple[Request, asyncio.Future[Outcome]]] = []
         self.running: asyncio.Task[None] | None = None
 
-    async def join(self, request: services.JoinRequest) -> services.JoinResult:
-        """The join's result; raises what refused it (see services.lobby_join)."""
+    async def run(self, request: Request) -> Outcome:
+        """The service's outcome for `request`; raises the exception that refused it."""
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
             self.loop, self.waiting, self.running = loop, [], None
-        joined = loop.create_future()
-        self.waiting.append((request, joined))
+        done = loop.create_future()
+        self.waiting.append((request, done))
         if self.running is None or self.running.done():
-            # In a context of its own: it must not carry the first joiner's log fields.
-            self.running = loop.create_task(self.run(), context=contextvars.Context())
-        return await joined
+            # In a context of its own: it must not carry the first caller's log fields.
+            self.running = loop.create_task(self.run_batches(), context=contextvars.Context())
+        return await done
 
-    async def run(self) -> None:
-        join_many = database_sync_to_async(services.lobby_join_many, thread_sensitive=False, executor=JOIN_THREAD)
+    async def run_batches(self) -> None:
+        service = database_sync_to_async(self.service, thread_sensitive=False, executor=ROSTER_THREAD)
         while self.waiting:
-            batch, self.waiting = self.waiting[:JOIN_BATCH_LIMIT], self.waiting[JOIN_BATCH_LIMIT:]
+            batch, self.waiting = self.waiting[:BATCH_LIMIT], self.waiting[BATCH_LIMIT:]
             try:
-                outcomes = await join_many(requests=[request for request, _ in batch])
+                outcomes = await service(requests=[request for request, _ in batch])
             except Exception as error:
                 outcomes = [error] * len(batch)
-            metrics.join_batch_done(len(batch))
-            for (_, joined), outcome in zip(batch, outcomes):
-                if joined.done():  # its connection is gone
+            self.batch_done(len(batch))
+            for (_, done), outcome in zip(batch, outcomes):
+                if done.done():  # its connection is gone
                     continue
                 if isinstance(outcome, Exception):
-                    joined.set_exception(outcome)
+                    done.set_exception(outcome)
                 else:
-                    joined.set_result(outcome)
+                    done.set_result(outcome)
 
 
-join_batches = JoinBatches()
+join_batches: Batches[services.JoinRequest, services.JoinResult] = Batches(
+    services.lobby_join_many, metrics.join_batch_done
+)
+leave_batches: Batches[services.LeaveRequest, bool] = Batches(services.lobby_leave_many, metrics.leave_batch_done)
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -184,7 +195,7 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 raise
             # The channel layer could not give this connection a channel (Redis
             # is away): say so, as for any other refused join, not with an HTTP 500.
-            logger.warning("Channel layer unavailable, refusing a join: %s", error)
+            logger.warning("Channel layer unavailable, refusing a join: %r", error)
             metrics.error_sent("unavailable")
             if (await receive())["type"] == "websocket.connect":
                 await send({"type": "websocket.accept"})
@@ -261,11 +272,11 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         try:
             await self.channel_layer.group_add(self.group, self.channel_name)
         except Exception as error:
-            logger.warning("Channel layer unavailable, refusing a join: %s", error)
+            logger.warning("Channel layer unavailable, refusing a join: %r", error)
             await self.refuse("unavailable", UNAVAILABLE_MESSAGE, CLOSE_UNAVAILABLE)
             return
         try:
-            joined = await join_batches.join(
+            joined = await join_batches.run(
                 services.JoinRequest(
                     lobby_name=self.lobby_name,
                     session=session,
@@ -350,10 +361,14 @@ class LobbyConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_discard(self.group, self.channel_name)
         # 1000 is a deliberate leave; anything else is a drop, and the place is
         # kept for the session to resume.
-        end = services.lobby_leave if close_code == 1000 else services.lobby_disconnect
         try:
-            await database_sync_to_async(end)(
-                lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
+            await leave_batches.run(
+                services.LeaveRequest(
+                    lobby_name=self.lobby_name,
+                    session_id=self.peer_id,
+                    channel_name=self.channel_name,
+                    deliberate=close_code == 1000,
+                )
             )
         except DATABASE_UNAVAILABLE as error:
             # Its row is no longer refreshed: once the database is back, the
@@ -395,8 +410,10 @@ class LobbyConsumer(AsyncWebsocketConsumer):
             action="rate_limit_close", session_id=self.peer_id, actor=self.name, ip=self.client_ip, lobby=self.lobby_name
         )
         # As on a kick, the others see it leave at once.
-        await database_sync_to_async(services.lobby_leave)(
-            lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name
+        await leave_batches.run(
+            services.LeaveRequest(
+                lobby_name=self.lobby_name, session_id=self.peer_id, channel_name=self.channel_name, deliberate=True
+            )
         )
         await self.end_with_error("rate_limited", "Too many messages over the rate limits; closing.", CLOSE_FLOODING)
 

@@ -10,6 +10,11 @@ doing so while Redis is away, and every connection receives what this
 process sends it in the order it was sent: the news that a peer joined
 before that peer's first offer, whichever way each went.
 
+Everything this process publishes to Redis, relays and group messages alike,
+goes out in the order it was made, through one pipeline per round trip (see
+Outbox): channels-redis sends each PUBLISH alone, holding a lock for its round
+trip, which new connections' SUBSCRIBEs then wait behind.
+
 Locally delivered messages are shallow copies of what was sent: consumers
 must not change the nested values of the events they receive (none do).
 
@@ -23,12 +28,13 @@ invalidations). Joins, whose new_channel() fails meanwhile, are refused.
 """
 
 import asyncio
+import contextvars
 import logging
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from channels_redis.pubsub import RedisPubSubChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisSingleShardConnection
 
 from voicebot.queues import OneReaderQueue
 
@@ -56,10 +62,63 @@ async def in_time(operation: Awaitable[T]) -> T:
         return await operation
 
 
+class Outbox:
+    """The PUBLISHes of this process to one Redis shard, sent in the order they
+    were made: those made while a pipeline is under way go together in the next.
+    A reconnect storm publishes thousands of lobby events: one round trip each,
+    behind one lock, timed out the SUBSCRIBEs of the joins waiting behind them."""
+
+    def __init__(self, shard: RedisSingleShardConnection) -> None:
+        self.shard = shard
+        self.pending: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self.sender: asyncio.Task[None] | None = None
+
+    def publish(self, name: str, data: bytes) -> asyncio.Future[None]:
+        """Queue the PUBLISH at once; the future is done once Redis took it."""
+        loop = asyncio.get_running_loop()
+        published = loop.create_future()
+        self.pending.append((name, data, published))
+        if self.sender is None or self.sender.done():
+            # In a context of its own: it must not carry the first sender's log fields.
+            self.sender = loop.create_task(self.send_pending(), context=contextvars.Context())
+        return published
+
+    async def send_pending(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            self.shard._ensure_redis()
+            pipeline = self.shard._redis.pipeline(transaction=False)
+            for name, data, _ in batch:
+                pipeline.publish(name, data)
+            try:
+                await in_time(pipeline.execute())
+            except Exception as error:
+                outcome: Exception | None = error
+            else:
+                outcome = None
+            for _, _, published in batch:
+                if published.done():  # its sender stopped waiting
+                    continue
+                if outcome is None:
+                    published.set_result(None)
+                else:
+                    published.set_exception(outcome)
+
+
 class LocalFirstChannelLayer(RedisPubSubChannelLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.origin = uuid.uuid4().hex
+        self.outboxes: dict[RedisSingleShardConnection, Outbox] = {}
+
+    def publish(self, name: str, message: dict[str, Any]) -> asyncio.Future[None]:
+        """PUBLISH through the shard's Outbox; queued before this returns, so
+        calls made one after another reach Redis in that order."""
+        shard = self._get_layer()._get_shard(name)
+        outbox = self.outboxes.get(shard)
+        if outbox is None:
+            outbox = self.outboxes[shard] = Outbox(shard)
+        return outbox.publish(name, self.serialize(message))
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         layer = self._get_layer()
@@ -67,7 +126,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         if queue is not None:
             queue.put_nowait(dict(message))
             return
-        await in_time(layer.send(channel, message))
+        await in_time(self.publish(channel, message))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         layer = self._get_layer()
@@ -79,7 +138,13 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         return channel
 
     async def group_add(self, group: str, channel: str) -> None:
-        await in_time(self._get_layer().group_add(group, channel))
+        layer = self._get_layer()
+        name = layer._get_group_channel_name(group)
+        if name in layer._get_shard(name)._subscribed_to:
+            # Subscribed already: channels-redis would take the shard's lock just to find that out.
+            layer.groups.setdefault(name, set()).add(channel)
+            return
+        await in_time(layer.group_add(group, channel))
         self.watch_reconnects()
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -112,7 +177,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
     async def send_through_redis(self, channel: str, message: dict[str, Any]) -> None:
         """send(), but out to Redis and back even for a channel of this process:
         the readiness check's round trip."""
-        await in_time(self._get_layer().send(channel, message))
+        await in_time(self.publish(channel, message))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         layer = self._get_layer()
@@ -120,7 +185,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
             queue = layer.channels.get(channel)
             if queue is not None:
                 queue.put_nowait(dict(message))
-        await in_time(layer.group_send(group, {**message, ORIGIN_KEY: self.origin}))
+        await in_time(self.publish(layer._get_group_channel_name(group), {**message, ORIGIN_KEY: self.origin}))
 
     async def receive(self, channel: str) -> dict[str, Any]:
         while True:

@@ -97,6 +97,11 @@ join_batch_size = Histogram(
     "Joins decided together in one database transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100),
 )
+leave_batch_size = Histogram(
+    "voicebot_leave_batch_size",
+    "Leaves and drops recorded together in one database transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100),
+)
 
 # Pre-create the label sets, so every series is exported as 0 from the start
 # (rate() then sees the first increment) and the hot path skips label lookups.
@@ -153,3 +158,7 @@ def layer_failed(operation: str, reason: str) -> None:
 
 def join_batch_done(size: int) -> None:
     join_batch_size.observe(size)
+
+
+def leave_batch_done(size: int) -> None:
+    leave_batch_size.observe(size)

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 CHAT_PRUNE_EVERY_SECONDS = 3600
 CHAT_PRUNE_BATCH = 1000
+EXPIRE_LOBBIES_AT_ONCE = 50
 
 
 class Presence:
@@ -54,13 +55,20 @@ class Presence:
     async def beat(self) -> None:
         try:
             await database_sync_to_async(services.memberships_touch)(membership_ids=list(self.live.values()))
-            await database_sync_to_async(services.memberships_expire)()
+            await self.expire()
             if time.monotonic() >= self.chat_prune_due:
                 self.chat_prune_due = time.monotonic() + CHAT_PRUNE_EVERY_SECONDS
                 await self.prune_chat()
         except Exception:
             # The database may be briefly away; the next beat tries again.
             logger.exception("Presence beat failed")
+
+    async def expire(self) -> None:
+        # A few lobbies per thread hop: after a server holding thousands of
+        # connections died, joins and leaves queued behind it wait for a few lobbies only.
+        expire = database_sync_to_async(services.memberships_expire)
+        while await expire(lobby_limit=EXPIRE_LOBBIES_AT_ONCE) == EXPIRE_LOBBIES_AT_ONCE:
+            pass
 
     async def prune_chat(self) -> None:
         # One batch per thread hop: leaves and chat queued behind it wait for one batch only.

@@ -201,9 +201,7 @@ def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
     with _soft_commit_transaction():
         # The row locks serialise changes to each lobby's roster: two joins
         # cannot both take its last place, and the cached roster follows commit order.
-        names = sorted({request.lobby_name for request in requests})
-        locked = Lobby.objects.select_for_update().filter(name__in=names).order_by("name")
-        lobbies = {lobby.name: lobby for lobby in locked}
+        lobbies = _lock_lobbies({request.lobby_name for request in requests})
         rosters = {lobby.pk: selectors.lobby_roster(lobby) for lobby in lobbies.values()}
         memberships = _live_memberships_in(rosters, requests)
         joins = [_join_one(request, lobbies, rosters, memberships) for request in requests]
@@ -347,26 +345,61 @@ def _roster_changed(lobby: Lobby, roster: list[selectors.RosterEntry] | None = N
     selectors.cache_roster(lobby, roster if roster is not None else selectors.roster_from_database(lobby))
 
 
+@dataclass
+class LeaveRequest:
+    """One connection giving up its place: at once (`deliberate`, a close
+    with 1000) or for the grace period (a drop), see lobby_leave and lobby_disconnect."""
+
+    lobby_name: str
+    session_id: str
+    channel_name: str
+    deliberate: bool
+
+
 def lobby_leave(*, lobby_name: str, session_id: str, channel_name: str) -> None:
     """End the session's stay in the lobby at once, if `channel_name` still holds it."""
-    with _soft_commit_transaction():
-        lobby = _lock_lobby(lobby_name)
-        membership = _live_membership(lobby_name, session_id, channel_name)
-        if lobby is None or membership is None:
-            return
-        _end_membership(membership, lobby_name, timezone.now())
-        _roster_changed(lobby)
+    lobby_leave_many(
+        requests=[LeaveRequest(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name, deliberate=True)]
+    )
 
 
 def lobby_disconnect(*, lobby_name: str, session_id: str, channel_name: str) -> None:
     """The connection dropped: keep the place for the grace period, then end it."""
+    lobby_leave_many(
+        requests=[LeaveRequest(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name, deliberate=False)]
+    )
+
+
+def lobby_leave_many(*, requests: list[LeaveRequest]) -> list[bool]:
+    """lobby_leave and lobby_disconnect for many connections at once, in one
+    transaction: whether each connection still held its place. A reconnect
+    storm starts with every connection of a server dropping at once."""
+    wanted = {(request.lobby_name, request.session_id, request.channel_name): request for request in requests}
+    now = timezone.now()
     with _soft_commit_transaction():
-        lobby = _lock_lobby(lobby_name)
-        membership = _live_membership(lobby_name, session_id, channel_name)
-        if lobby is None or membership is None:
-            return
-        _mark_reconnecting(membership, lobby_name, since=timezone.now())
-        _roster_changed(lobby)
+        lobbies = _lock_lobbies({request.lobby_name for request in requests})
+        names = {lobby.pk: lobby.name for lobby in lobbies.values()}
+        found = (
+            Membership.objects.select_related("session")
+            .select_for_update(of=("self",))
+            .filter(
+                lobby__in=lobbies.values(),
+                channel_name__in=[request.channel_name for request in requests],
+                left_at__isnull=True,
+            )
+        )
+        held = {}
+        for membership in found:
+            request = wanted.get((names[membership.lobby_id], str(membership.session_id), membership.channel_name))
+            if request is not None:
+                held[request.channel_name, request.session_id] = (membership, request.deliberate)
+        _depart(
+            lobbies,
+            ended=[membership for membership, deliberate in held.values() if deliberate],
+            dropped=[(membership, now) for membership, deliberate in held.values() if not deliberate],
+            now=now,
+        )
+    return [(request.channel_name, request.session_id) in held for request in requests]
 
 
 def memberships_touch(*, membership_ids: list[int]) -> None:
@@ -378,16 +411,18 @@ def memberships_touch(*, membership_ids: list[int]) -> None:
     Session.objects.filter(memberships__pk__in=membership_ids).update(last_seen_at=now)
 
 
-def memberships_expire() -> int:
+def memberships_expire(*, lobby_limit: int = 50) -> int:
     """Catch up with connections that are gone, and end the stays of those who
-    did not come back.
+    did not come back, in at most `lobby_limit` lobbies (one transaction):
+    how many lobbies it changed. Call again while that is `lobby_limit`.
 
     A connected row its server stopped refreshing belonged to a server that
     died or stopped: it becomes `reconnecting`, as if from its last refresh.
     A reconnecting row past the grace period ends, and the others see
     `peer_left`. Safe to run in every server process at once: each row is
     changed under its lobby's lock and only if still due, so everyone hears
-    of each change once.
+    of each change once. When a server holding thousands of connections dies,
+    the others catch up a lobby at a time, not a row at a time.
     """
     now = timezone.now()
     lost = Q(
@@ -400,43 +435,64 @@ def memberships_expire() -> int:
         state=Membership.State.RECONNECTING,
         disconnected_at__lt=now - timedelta(seconds=settings.LOBBY_RESUME_GRACE_SECONDS),
     )
-    changed = 0
-    for membership_id, lobby_name in Membership.objects.filter(lost | expired).values_list("pk", "lobby__name"):
-        with _soft_commit_transaction():
-            lobby = _lock_lobby(lobby_name)
-            membership = (
-                Membership.objects.select_related("session")
-                .select_for_update(of=("self",))
-                .filter(lost | expired, pk=membership_id)
-                .first()
-            )
-            if lobby is None or membership is None:
-                continue
-            if membership.state == Membership.State.CONNECTED:
-                _mark_reconnecting(membership, lobby_name, since=membership.last_seen_at)
-            else:
-                _end_membership(membership, lobby_name, now)
-            _roster_changed(lobby)
-            changed += 1
-    return changed
+    due = Membership.objects.filter(lost | expired).order_by("lobby_id").values_list("lobby_id", flat=True)
+    lobby_ids = list(due.distinct()[:lobby_limit])
+    if not lobby_ids:
+        return 0
+    with _soft_commit_transaction():
+        locked = Lobby.objects.select_for_update().filter(pk__in=lobby_ids).order_by("name")
+        lobbies = {lobby.name: lobby for lobby in locked}
+        found = list(
+            Membership.objects.select_related("session")
+            .select_for_update(of=("self",))
+            .filter(lost | expired, lobby__in=lobbies.values())
+        )
+        _depart(
+            lobbies,
+            ended=[membership for membership in found if membership.state == Membership.State.RECONNECTING],
+            dropped=[
+                (membership, membership.last_seen_at)
+                for membership in found
+                if membership.state == Membership.State.CONNECTED
+            ],
+            now=now,
+        )
+    return len(lobby_ids)
 
 
-def _mark_reconnecting(membership: Membership, lobby_name: str, since: datetime) -> None:
-    membership.state = Membership.State.RECONNECTING
-    membership.disconnected_at = since
-    membership.save(update_fields=["state", "disconnected_at"])
-    publish(lobby_name, {"type": "lobby.peer_updated", "peer": peer_of(membership)})
+def _lock_lobbies(names: set[str]) -> dict[str, Lobby]:
+    """Take the row locks of these lobbies, in name order, so that two
+    transactions taking several cannot wait on each other."""
+    return {lobby.name: lobby for lobby in Lobby.objects.select_for_update().filter(name__in=names).order_by("name")}
 
 
-def _end_membership(membership: Membership, lobby_name: str, now: datetime) -> None:
-    membership.left_at = now
-    membership.state = Membership.State.LEFT
-    membership.save(update_fields=["left_at", "state"])
-    Session.objects.filter(pk=membership.session_id).update(last_seen_at=now)
-    publish(
-        lobby_name,
-        {"type": "lobby.peer_left", "peer_id": str(membership.session_id), "channel": membership.channel_name},
-    )
+def _depart(
+    lobbies: dict[str, Lobby], *, ended: list[Membership], dropped: list[tuple[Membership, datetime]], now: datetime
+) -> None:
+    """End the stays `ended` now, and mark `dropped` reconnecting since the
+    time given with each; the others in their lobbies hear of each, and each
+    lobby whose roster changed gets its new roster (one query for them all).
+    The caller holds the lobbies' locks and the memberships' rows."""
+    names = {lobby.pk: lobby.name for lobby in lobbies.values()}
+    for membership, since in dropped:
+        membership.state = Membership.State.RECONNECTING
+        membership.disconnected_at = since
+        publish(names[membership.lobby_id], {"type": "lobby.peer_updated", "peer": peer_of(membership)})
+    for membership in ended:
+        membership.left_at = now
+        membership.state = Membership.State.LEFT
+        publish(
+            names[membership.lobby_id],
+            {"type": "lobby.peer_left", "peer_id": str(membership.session_id), "channel": membership.channel_name},
+        )
+    Membership.objects.bulk_update([membership for membership, _ in dropped], ["state", "disconnected_at"])
+    Membership.objects.bulk_update(ended, ["left_at", "state"])
+    Session.objects.filter(pk__in=[membership.session_id for membership in ended]).update(last_seen_at=now)
+    changed = {membership.lobby_id for membership in ended} | {membership.lobby_id for membership, _ in dropped}
+    rosters = selectors.rosters_from_database(changed)
+    for lobby in lobbies.values():
+        if lobby.pk in changed:
+            _roster_changed(lobby, rosters[lobby.pk])
 
 
 def membership_set_muted(*, lobby_name: str, session_id: str, channel_name: str, muted: bool) -> None:
@@ -524,8 +580,7 @@ def membership_kick(*, membership_id: int, by: AbstractBaseUser) -> LobbyBan | N
             lobby=lobby, session_id=membership.session_id, until=now + timedelta(seconds=seconds), created_by=by
         )
         tell_channel(membership.channel_name, {"type": "lobby.kicked", "seconds": seconds})
-        _end_membership(membership, lobby.name, now)
-        _roster_changed(lobby)
+        _depart({lobby.name: lobby}, ended=[membership], dropped=[], now=now)
         _audit("membership_kick", by, lobby, [str(membership.session_id)])
     return ban
 

@@ -9,6 +9,7 @@ able to offer the rate.
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -234,8 +235,12 @@ async def idle_and_storm_scenario(target: Target, options: Options, progress: Ca
     started = time.perf_counter()
     results = await asyncio.gather(*(client.connect() for client in clients), return_exceptions=True)
     storm_seconds = time.perf_counter() - started
-    failures = sum(isinstance(result, BaseException) for result in results)
+    errors = [result for result in results if isinstance(result, BaseException)]
+    failures = len(errors)
     progress(f"  storm: {count - failures} of {count} resumed in {storm_seconds:.2f} s, {failures} failed")
+    if errors:
+        reason, times = Counter(str(error) or repr(error) for error in errors).most_common(1)[0]
+        progress(f"  storm: most common failure ({times}×): {reason[:200]}")
     await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
     return {
         "idle_connects_per_second": count / connect_seconds,

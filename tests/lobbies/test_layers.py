@@ -169,3 +169,49 @@ async def test_a_stalled_redis_fails_sends_in_bounded_time_while_this_process_de
         assert await asyncio.wait_for(here.receive(member), 1) == {"type": "lobby.peer_left", "peer_id": "p"}
     finally:
         own_redis.process.send_signal(signal.SIGCONT)
+
+
+async def test_many_sends_to_another_process_arrive_in_order_in_a_few_round_trips(
+    layers, own_redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here, there = layers
+    channel = await there.new_channel()
+    pipelines = []
+    execute = redis.asyncio.client.Pipeline.execute
+
+    async def counted_execute(self, *args, **kwargs):
+        pipelines.append(len(self.command_stack))
+        return await execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", counted_execute)
+    before = publishes(own_redis.url)
+
+    # As a relay to a peer and the lobby events of a storm do: many at once.
+    await asyncio.gather(*(here.send(channel, {"type": "lobby.deliver", "text": str(n)}) for n in range(200)))
+
+    assert [(await there.receive(channel))["text"] for _ in range(200)] == [str(n) for n in range(200)]
+    assert publishes(own_redis.url) == before + 200
+    assert sum(pipelines) == 200 and len(pipelines) <= 3
+    await here.flush()
+    await there.flush()
+
+
+async def test_publishing_and_joining_a_subscribed_group_do_not_wait_behind_subscribes(layers) -> None:
+    """channels-redis holds a shard's lock while it subscribes, and held it for
+    every PUBLISH's round trip: in a reconnect storm, joins timed out behind it."""
+    here, there = layers
+    member, newcomer = await here.new_channel(), await here.new_channel()
+    elsewhere = await there.new_channel()
+    await here.group_add("lobby", member)
+    shard = here._get_layer()._shards[0]
+
+    async with shard._lock:  # as while a slow SUBSCRIBE is under way
+        async with asyncio.timeout(1):
+            await here.group_add("lobby", newcomer)
+            await here.send(elsewhere, {"type": "lobby.deliver", "text": "offer"})
+            await here.group_send("lobby", {"type": "lobby.peer_joined", "peer": {"peer_id": "newcomer"}})
+
+    assert (await there.receive(elsewhere))["text"] == "offer"
+    assert (await here.receive(newcomer))["type"] == "lobby.peer_joined"
+    await here.flush()
+    await there.flush()

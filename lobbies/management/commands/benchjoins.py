@@ -73,7 +73,7 @@ class Command(BaseCommand):
             async with gate:
                 started = time.perf_counter()
                 session = await selectors.asession_for_token(token)
-                await join_batches.join(
+                await join_batches.run(
                     services.JoinRequest(
                         lobby_name=lobby_names[index % len(lobby_names)],
                         session=session,
