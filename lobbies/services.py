@@ -9,6 +9,7 @@ import hashlib
 import math
 import secrets
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -207,10 +208,14 @@ def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
         joins = [_join_one(request, lobbies, rosters, memberships) for request in requests]
 
         # Every membership read from the database belongs to a session that resumed it.
-        Membership.objects.bulk_update(
-            [membership for membership in memberships.values() if membership.pk is not None],
-            ["state", "channel_name", "disconnected_at", "last_seen_at"],
-        )
+        resumed = [membership for membership in memberships.values() if membership.pk is not None]
+        if resumed:
+            # Only the channel differs from row to row: bulk_update builds a
+            # CASE per row and field in Python, the costliest part of a storm's joins.
+            Membership.objects.bulk_update(resumed, ["channel_name"])
+            Membership.objects.filter(pk__in=[membership.pk for membership in resumed]).update(
+                state=Membership.State.CONNECTED, disconnected_at=None, last_seen_at=timezone.now()
+            )
         Membership.objects.bulk_create([membership for membership in memberships.values() if membership.pk is None])
         changed = {join[0].pk for join in joins if not isinstance(join, Exception)}
         last_chat_ids = {}
@@ -474,9 +479,13 @@ def _depart(
     lobby whose roster changed gets its new roster (one query for them all).
     The caller holds the lobbies' locks and the memberships' rows."""
     names = {lobby.pk: lobby.name for lobby in lobbies.values()}
+    # One UPDATE per moment of dropping, not bulk_update's CASE per row: the
+    # drops of one batch share theirs, and so do those of a dead server (its last refresh).
+    dropped_at: dict[datetime, list[int]] = defaultdict(list)
     for membership, since in dropped:
         membership.state = Membership.State.RECONNECTING
         membership.disconnected_at = since
+        dropped_at[since].append(membership.pk)
         publish(names[membership.lobby_id], {"type": "lobby.peer_updated", "peer": peer_of(membership)})
     for membership in ended:
         membership.left_at = now
@@ -485,9 +494,15 @@ def _depart(
             names[membership.lobby_id],
             {"type": "lobby.peer_left", "peer_id": str(membership.session_id), "channel": membership.channel_name},
         )
-    Membership.objects.bulk_update([membership for membership, _ in dropped], ["state", "disconnected_at"])
-    Membership.objects.bulk_update(ended, ["left_at", "state"])
-    Session.objects.filter(pk__in=[membership.session_id for membership in ended]).update(last_seen_at=now)
+    for since, membership_ids in dropped_at.items():
+        Membership.objects.filter(pk__in=membership_ids).update(
+            state=Membership.State.RECONNECTING, disconnected_at=since
+        )
+    if ended:
+        Membership.objects.filter(pk__in=[membership.pk for membership in ended]).update(
+            left_at=now, state=Membership.State.LEFT
+        )
+        Session.objects.filter(pk__in=[membership.session_id for membership in ended]).update(last_seen_at=now)
     changed = {membership.lobby_id for membership in ended} | {membership.lobby_id for membership, _ in dropped}
     rosters = selectors.rosters_from_database(changed)
     for lobby in lobbies.values():

@@ -6,6 +6,8 @@ are caught up a few lobbies at a time (services.memberships_expire)."""
 import asyncio
 from datetime import timedelta
 
+import channels.consumer
+import channels.generic.websocket
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -159,4 +161,32 @@ async def test_connections_dropping_at_once_leave_in_batches_and_the_one_left_he
     assert {frame["peer"]["peer_id"] for frame in news} == {person.id for person in people[1:]}
     batches = REGISTRY.get_sample_value("voicebot_leave_batch_size_count") - before
     assert 1 <= batches < len(leavers)
+    await stayer.disconnect()
+
+
+@pytest.mark.usefixtures("channel_layer")
+async def test_signaling_and_closing_make_no_thread_hop_to_clean_up_database_connections(
+    alice: Person, bob: Person, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channels makes one before every handler and on every close; the lobby
+    consumer's database work cleans up itself (docs/performance.md)."""
+    hops = []
+
+    async def counted() -> None:
+        hops.append(1)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    monkeypatch.setattr(channels.generic.websocket, "aclose_old_connections", counted)
+    stayer, leaver = open_client("quiet", token=alice.token), open_client("quiet", token=bob.token)
+    for client in (stayer, leaver):
+        await client.connect(timeout=5)
+        assert (await client.receive(timeout=5))["type"] == "welcome"
+    assert (await stayer.receive(timeout=5))["type"] == "peer_joined"
+
+    await leaver.send_json_to({"type": "ping"})
+    assert (await leaver.receive(timeout=5))["type"] == "pong"
+    await leaver.disconnect()
+
+    assert (await stayer.receive(timeout=5))["type"] == "peer_left"
+    assert hops == []
     await stayer.disconnect()
