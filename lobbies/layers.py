@@ -10,6 +10,13 @@ doing so while Redis is away, and every connection receives what this
 process sends it in the order it was sent: the news that a peer joined
 before that peer's first offer, whichever way each went.
 
+Each process subscribes to one Redis channel for all its connections, its
+inbox: a connection's channel is named after the inbox, and a message for it
+from another process goes to the inbox with the channel it is for, where
+this process puts it in that channel's queue. channels-redis subscribes to a
+Redis channel per connection: a SUBSCRIBE for each connect, an UNSUBSCRIBE
+for each close, and a subscription in Redis for each connection.
+
 Everything this process publishes to Redis, relays and group messages alike,
 goes out in the order it was made, through one pipeline per round trip (see
 Outbox): channels-redis sends each PUBLISH alone, holding a lock for its round
@@ -43,6 +50,10 @@ T = TypeVar("T")
 
 # The key that carries a group message's origin through Redis.
 ORIGIN_KEY = "__origin"
+# The key that carries, through a process's inbox, the channel a message is for.
+TO_KEY = "__to"
+# Ends the inbox's part of a channel name: "<inbox>!<connection>".
+INBOX_END = "!"
 # What deserialize() makes of a group message this layer sent itself.
 SENT_FROM_HERE = object()
 # How long a Redis command may take before it counts as failed. Redis that
@@ -105,11 +116,29 @@ class Outbox:
                     published.set_exception(outcome)
 
 
+class Inbox:
+    """Stands in the loop layer's channels for the process's inbox: channels-redis
+    hands it what Redis brings for the inbox, and it queues each message for
+    the channel it is for (dropped if that connection is gone)."""
+
+    def __init__(self, layer: "LocalFirstChannelLayer", channels: dict[str, Any]) -> None:
+        self.layer = layer
+        self.channels = channels
+
+    def put_nowait(self, data: bytes) -> None:
+        message = self.layer.deserialize(data)
+        queue = self.channels.get(message.pop(TO_KEY, None))
+        if queue is not None:
+            queue.put_nowait(message)
+
+
 class LocalFirstChannelLayer(RedisPubSubChannelLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.origin = uuid.uuid4().hex
         self.outboxes: dict[RedisSingleShardConnection, Outbox] = {}
+        # The inbox's channel name in Redis, by event loop (see new_channel).
+        self.inboxes: dict[asyncio.AbstractEventLoop, str] = {}
 
     def publish(self, name: str, message: dict[str, Any]) -> asyncio.Future[None]:
         """PUBLISH through the shard's Outbox; queued before this returns, so
@@ -126,15 +155,31 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         if queue is not None:
             queue.put_nowait(dict(message))
             return
-        await in_time(self.publish(channel, message))
+        await in_time(self.publish_to_channel(channel, message))
+
+    def publish_to_channel(self, channel: str, message: dict[str, Any]) -> asyncio.Future[None]:
+        """PUBLISH for one channel: to its process's inbox if it has one."""
+        inbox, end, _ = channel.partition(INBOX_END)
+        if not end:
+            return self.publish(channel, message)
+        return self.publish(inbox + end, {**message, TO_KEY: channel})
 
     async def new_channel(self, prefix: str = "specific.") -> str:
+        """A channel of this process's inbox (subscribed to on the first call).
+        Every connection has one: a plain dict-backed queue, where an
+        asyncio.Queue is about 3.2 KiB. Nothing can have been sent to the
+        channel yet, as nobody knows its name."""
         layer = self._get_layer()
-        channel = await in_time(layer.new_channel(prefix))
-        # Every connection has one: an asyncio.Queue is about 3.2 KiB. Nothing
-        # can have been sent to the channel yet, as nobody knows its name.
+        loop = asyncio.get_running_loop()
+        inbox = self.inboxes.get(loop)
+        if inbox is None:
+            inbox = f"{layer.prefix}{prefix}{uuid.uuid4().hex}{INBOX_END}"
+            await in_time(layer._subscribe_to_channel(inbox))
+            layer.channels[inbox] = Inbox(self, layer.channels)
+            self.inboxes[loop] = inbox
+            self.watch_reconnects()
+        channel = f"{inbox}{uuid.uuid4().hex}"
         layer.channels[channel] = OneReaderQueue()
-        self.watch_reconnects()
         return channel
 
     async def group_add(self, group: str, channel: str) -> None:
@@ -157,6 +202,10 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
         except Exception as error:
             logger.warning("Could not unsubscribe from group %s in Redis: %s", group, error)
 
+    async def flush(self) -> None:
+        self.inboxes.pop(asyncio.get_running_loop(), None)
+        await self._get_layer().flush()
+
     def watch_reconnects(self) -> None:
         """Hears, from redis-py, each time the subscriber connection comes back.
         It calls back after its own callback has subscribed again (registered
@@ -177,7 +226,7 @@ class LocalFirstChannelLayer(RedisPubSubChannelLayer):
     async def send_through_redis(self, channel: str, message: dict[str, Any]) -> None:
         """send(), but out to Redis and back even for a channel of this process:
         the readiness check's round trip."""
-        await in_time(self.publish(channel, message))
+        await in_time(self.publish_to_channel(channel, message))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         layer = self._get_layer()

@@ -215,3 +215,24 @@ async def test_publishing_and_joining_a_subscribed_group_do_not_wait_behind_subs
     assert (await here.receive(newcomer))["type"] == "lobby.peer_joined"
     await here.flush()
     await there.flush()
+
+
+async def test_a_process_subscribes_once_for_all_its_connections(layers, own_redis) -> None:
+    here, there = layers
+    channels = [await there.new_channel() for _ in range(50)]
+    redis_client = redis.Redis.from_url(own_redis.url)
+    prefix = there._get_layer().prefix
+
+    # One subscription in Redis, however many connections the process holds.
+    assert len(redis_client.pubsub_channels(f"{prefix}*")) == 1
+    await asyncio.gather(*(here.send(channel, {"type": "lobby.deliver", "text": channel}) for channel in channels))
+    for channel in channels:
+        assert await there.receive(channel) == {"type": "lobby.deliver", "text": channel}
+
+    # A connection that is gone: what is sent to it is dropped, and the others still get theirs.
+    del there._get_layer().channels[channels[0]]
+    await here.send(channels[0], {"type": "lobby.deliver", "text": "too late"})
+    await here.send(channels[1], {"type": "lobby.deliver", "text": "still here"})
+    assert await there.receive(channels[1]) == {"type": "lobby.deliver", "text": "still here"}
+    await here.flush()
+    await there.flush()
