@@ -65,7 +65,8 @@ class Presence:
 
     async def expire(self) -> None:
         # A few lobbies per thread hop: after a server holding thousands of
-        # connections died, joins and leaves queued behind it wait for a few lobbies only.
+        # connections died, the process's other database work on this thread
+        # (session lookups, chat, mutes) waits behind a few lobbies only.
         expire = database_sync_to_async(services.memberships_expire)
         while await expire(lobby_limit=EXPIRE_LOBBIES_AT_ONCE) == EXPIRE_LOBBIES_AT_ONCE:
             pass

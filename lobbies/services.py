@@ -379,7 +379,8 @@ def lobby_leave_many(*, requests: list[LeaveRequest]) -> list[bool]:
     """lobby_leave and lobby_disconnect for many connections at once, in one
     transaction: whether each connection still held its place. A reconnect
     storm starts with every connection of a server dropping at once."""
-    wanted = {(request.lobby_name, request.session_id, request.channel_name): request for request in requests}
+    wanted_keys = [(request.lobby_name, request.session_id, request.channel_name) for request in requests]
+    wanted = dict(zip(wanted_keys, requests))
     now = timezone.now()
     with _soft_commit_transaction():
         lobbies = _lock_lobbies({request.lobby_name for request in requests})
@@ -395,16 +396,16 @@ def lobby_leave_many(*, requests: list[LeaveRequest]) -> list[bool]:
         )
         held = {}
         for membership in found:
-            request = wanted.get((names[membership.lobby_id], str(membership.session_id), membership.channel_name))
-            if request is not None:
-                held[request.channel_name, request.session_id] = (membership, request.deliberate)
+            key = (names[membership.lobby_id], str(membership.session_id), membership.channel_name)
+            if key in wanted:
+                held[key] = membership
         _depart(
             lobbies,
-            ended=[membership for membership, deliberate in held.values() if deliberate],
-            dropped=[(membership, now) for membership, deliberate in held.values() if not deliberate],
+            ended=[membership for key, membership in held.items() if wanted[key].deliberate],
+            dropped=[(membership, now) for key, membership in held.items() if not wanted[key].deliberate],
             now=now,
         )
-    return [(request.channel_name, request.session_id) in held for request in requests]
+    return [key in held for key in wanted_keys]
 
 
 def memberships_touch(*, membership_ids: list[int]) -> None:
@@ -440,13 +441,12 @@ def memberships_expire(*, lobby_limit: int = 50) -> int:
         state=Membership.State.RECONNECTING,
         disconnected_at__lt=now - timedelta(seconds=settings.LOBBY_RESUME_GRACE_SECONDS),
     )
-    due = Membership.objects.filter(lost | expired).order_by("lobby_id").values_list("lobby_id", flat=True)
-    lobby_ids = list(due.distinct()[:lobby_limit])
-    if not lobby_ids:
+    due = Membership.objects.filter(lost | expired).order_by("lobby__name").values_list("lobby__name", flat=True)
+    names = set(due.distinct()[:lobby_limit])
+    if not names:
         return 0
     with _soft_commit_transaction():
-        locked = Lobby.objects.select_for_update().filter(pk__in=lobby_ids).order_by("name")
-        lobbies = {lobby.name: lobby for lobby in locked}
+        lobbies = _lock_lobbies(names)
         found = list(
             Membership.objects.select_related("session")
             .select_for_update(of=("self",))
@@ -462,7 +462,7 @@ def memberships_expire(*, lobby_limit: int = 50) -> int:
             ],
             now=now,
         )
-    return len(lobby_ids)
+    return len(names)
 
 
 def _lock_lobbies(names: set[str]) -> dict[str, Lobby]:
