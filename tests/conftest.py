@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import websockets
 from channels.layers import channel_layers
 from django.conf import settings
+from django.db import connection
 from django.db.models import F
 from playwright.sync_api import Browser, sync_playwright
 
@@ -29,6 +31,24 @@ from lobbies.models import Session
 from voicebot.server import uvicorn_command
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_database_released(django_db_setup: None) -> Iterator[None]:
+    """Lets pytest-django drop the test database at the end: threads that ran
+    ORM work (database_sync_to_async's, the roster thread) still hold the
+    connections they took from the pool, and Postgres refuses to drop a
+    database in use (after waiting 5 s)."""
+    yield
+    database = connection.settings_dict
+    if connection.vendor == "postgresql":
+        with psycopg.connect(
+            host=database["HOST"], port=database["PORT"] or 5432, user=database["USER"],
+            password=database["PASSWORD"], dbname="postgres", autocommit=True,
+        ) as maintenance:
+            maintenance.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [database["NAME"]]
+            )
 
 
 @dataclass

@@ -113,6 +113,9 @@ def test_a_token_in_a_message_is_redacted(json_log) -> None:
     assert record["message"] == "GET /ws/lobby/x/?token=[redacted]&password=p"
 
 
+# database_sync_to_async tidies the database connections of its thread, which
+# may hold one from an earlier test.
+@pytest.mark.django_db
 def test_context_reaches_database_sync_to_async_calls() -> None:
     async def visit() -> dict[str, str]:
         logcontext.bind(connection_id="c2", lobby="lounge")
