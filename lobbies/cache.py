@@ -91,6 +91,40 @@ class SharedCache:
         except Exception as error:
             self.failed("write", error)
 
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """The values of those of `keys` the cache holds, in one round trip."""
+        if not settings.VOICEBOT_CACHE or not keys:
+            return {}
+        try:
+            client = self.client()
+            if client is None:
+                values = caches["default"].get_many(keys)
+            else:
+                raws = client.mget([self.prefix + key for key in keys])
+                values = {key: pickle.loads(raw) for key, raw in zip(keys, raws) if raw is not None}
+        except Exception as error:
+            self.failed("read", error)
+            return {}
+        stats[(self.name, "hit")] += len(values)
+        stats[(self.name, "miss")] += len(keys) - len(values)
+        return values
+
+    def set_many(self, values: dict[str, Any], timeout: float) -> None:
+        """Set every key of `values`, in one round trip."""
+        if not settings.VOICEBOT_CACHE or not values:
+            return
+        try:
+            client = self.client()
+            if client is None:
+                caches["default"].set_many(values, timeout)
+            else:
+                pipeline = client.pipeline(transaction=False)
+                for key, value in values.items():
+                    pipeline.set(self.prefix + key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), ex=int(timeout))
+                pipeline.execute()
+        except Exception as error:
+            self.failed("write", error)
+
     def delete(self, key: str) -> None:
         if not settings.VOICEBOT_CACHE:
             return

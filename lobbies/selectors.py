@@ -7,11 +7,11 @@ from typing import Any, TypedDict
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from lobbies import cache
-from lobbies.models import ChatMessage, Lobby, Membership, Session
+from lobbies.models import ChatMessage, Lobby, LobbyBan, Membership, Session
 from voicebot.db_router import read_from_replica
 
 
@@ -98,8 +98,10 @@ def peer_of(membership: Membership) -> Peer:
     }
 
 
-def live_memberships(lobby: Lobby) -> QuerySet[Membership]:
-    return lobby.memberships.filter(left_at__isnull=True).select_related("session")
+def live_memberships(lobby_ids: set[int]) -> QuerySet[Membership]:
+    """Who is in these lobbies now, oldest first in each."""
+    live = Membership.objects.filter(lobby_id__in=lobby_ids, left_at__isnull=True).select_related("session")
+    return live.order_by("lobby_id", "joined_at")
 
 
 def connection_membership(*, lobby_name: str, session_id: str, channel_name: str) -> QuerySet[Membership]:
@@ -122,32 +124,39 @@ def roster_key(lobby_id: int) -> str:
 def lobby_roster(lobby: Lobby) -> list[RosterEntry]:
     """Who is in the lobby, from the shared cache while it matches the row's
     roster stamp, else from the database (and then cached)."""
-    cached = cache.shared.get(roster_key(lobby.pk))
-    if cached is not cache.MISSING and cached["stamp"] == str(lobby.roster_stamp):
-        return cached["roster"]
-    roster = roster_from_database(lobby)
-    cache_roster(lobby, roster)
-    return roster
+    return lobby_rosters([lobby])[lobby.pk]
 
 
-def roster_from_database(lobby: Lobby) -> list[RosterEntry]:
-    return [{"peer": peer_of(membership), "channel": membership.channel_name} for membership in live_memberships(lobby)]
+def lobby_rosters(lobbies: list[Lobby]) -> dict[int, list[RosterEntry]]:
+    """lobby_roster for several lobbies, by lobby id: one round trip to the
+    cache, and one query for those it does not hold."""
+    cached = cache.shared.get_many([roster_key(lobby.pk) for lobby in lobbies])
+    rosters: dict[int, list[RosterEntry]] = {}
+    for lobby in lobbies:
+        entry = cached.get(roster_key(lobby.pk))
+        if entry is not None and entry["stamp"] == str(lobby.roster_stamp):
+            rosters[lobby.pk] = entry["roster"]
+    stale = [lobby for lobby in lobbies if lobby.pk not in rosters]
+    if stale:
+        fresh = rosters_from_database({lobby.pk for lobby in stale})
+        cache_rosters([(lobby, fresh[lobby.pk]) for lobby in stale])
+        rosters.update(fresh)
+    return rosters
 
 
 def rosters_from_database(lobby_ids: set[int]) -> dict[int, list[RosterEntry]]:
-    """roster_from_database for several lobbies, in one query."""
+    """Who is in each of these lobbies, by lobby id, in one query."""
     rosters: dict[int, list[RosterEntry]] = {lobby_id: [] for lobby_id in lobby_ids}
-    live = Membership.objects.filter(lobby_id__in=lobby_ids, left_at__isnull=True).select_related("session")
-    for membership in live.order_by("lobby_id", "joined_at"):
+    for membership in live_memberships(lobby_ids):
         rosters[membership.lobby_id].append({"peer": peer_of(membership), "channel": membership.channel_name})
     return rosters
 
 
-def cache_roster(lobby: Lobby, roster: list[RosterEntry]) -> None:
+def cache_rosters(rosters: list[tuple[Lobby, list[RosterEntry]]]) -> None:
     # Safe from any reader or writer: an entry is only believed while its
     # stamp is the row's, and each change to the roster writes a new stamp.
-    entry = {"stamp": str(lobby.roster_stamp), "roster": roster}
-    cache.shared.set(roster_key(lobby.pk), entry, settings.ROSTER_CACHE_SECONDS)
+    entries = {roster_key(lobby.pk): {"stamp": str(lobby.roster_stamp), "roster": roster} for lobby, roster in rosters}
+    cache.shared.set_many(entries, settings.ROSTER_CACHE_SECONDS)
 
 
 def lobby_list(*, viewer: Session | None) -> list[dict]:
@@ -212,14 +221,26 @@ def lobby_ban_until(lobby: Lobby, session: Session) -> datetime | None:
     """
     key = bans_cache_key(lobby.pk)
     bans = cache.local.get(key)
-    now = timezone.now()
     if bans is cache.MISSING:
-        bans = {}
-        for session_id, until in lobby.bans.filter(until__gt=now).values_list("session_id", "until"):
-            bans[session_id] = max(until, bans.get(session_id, until))
-        cache.local.set(key, bans)
+        bans = load_lobby_bans([lobby])[lobby.pk]
+    now = timezone.now()
     until = bans.get(session.pk)
     return until if until is not None and until > now else None
+
+
+def load_lobby_bans(lobbies: list[Lobby]) -> dict[int, dict[Any, datetime]]:
+    """The live bans (session id -> until) of those of `lobbies` whose bans
+    this process does not hold, read in one query and kept in the in-process cache."""
+    missing = [lobby.pk for lobby in lobbies if cache.local.get(bans_cache_key(lobby.pk)) is cache.MISSING]
+    if not missing:
+        return {}
+    bans: dict[int, dict[Any, datetime]] = {lobby_id: {} for lobby_id in missing}
+    live = LobbyBan.objects.filter(lobby_id__in=missing, until__gt=timezone.now())
+    for lobby_id, session_id, until in live.values_list("lobby_id", "session_id", "until"):
+        bans[lobby_id][session_id] = max(until, bans[lobby_id].get(session_id, until))
+    for lobby_id, lobby_bans in bans.items():
+        cache.local.set(bans_cache_key(lobby_id), lobby_bans)
+    return bans
 
 
 def cache_no_bans(lobby: Lobby) -> None:
@@ -277,6 +298,8 @@ def member_roster(*, lobby_name: str, session_id: str, channel_name: str) -> lis
     return lobby_roster(membership.lobby)
 
 
-def lobby_last_chat_id(lobby: Lobby | int) -> int | None:
-    """The id of the lobby's newest chat message, None if it has none."""
-    return ChatMessage.objects.filter(lobby=lobby).order_by("-id").values_list("id", flat=True).first()
+def lobby_last_chat_ids(lobby_ids: set[int]) -> dict[int, int | None]:
+    """The id of each lobby's newest chat message (None if it has none), in one query."""
+    newest = ChatMessage.objects.filter(lobby=OuterRef("pk")).order_by("-id").values("id")[:1]
+    found = Lobby.objects.filter(pk__in=lobby_ids).annotate(last_chat_id=Subquery(newest))
+    return dict(found.values_list("pk", "last_chat_id"))

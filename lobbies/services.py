@@ -100,7 +100,7 @@ def lobby_create(
         with transaction.atomic():
             lobby.save(force_insert=True)
             # Known to be empty and free of bans: the first joins need not ask the database.
-            selectors.cache_roster(lobby, [])
+            selectors.cache_rosters([(lobby, [])])
             selectors.cache_no_bans(lobby)
             return lobby
     except IntegrityError:
@@ -184,17 +184,14 @@ def _soft_commit_transaction() -> Iterator[None]:
 
 def _create_lobbies(requests: list[JoinRequest]) -> None:
     """Create the public lobbies that joins without a password ask for and
-    that do not exist yet, each committed at once: the joins then lock every
-    lobby they need in one statement, in name order, so that two batches
-    (perhaps in two processes) cannot wait on each other."""
+    that do not exist yet, in one statement committed at once: the joins then
+    lock every lobby they need in one statement, in name order, so that two
+    batches (perhaps in two processes) cannot wait on each other."""
     wanted = {request.lobby_name: request.session for request in requests if not request.password}
     existing = set(Lobby.objects.filter(name__in=wanted).values_list("name", flat=True))
-    for name in sorted(wanted.keys() - existing):
-        lobby, created = Lobby.objects.get_or_create(name=name, defaults={"created_by": wanted[name]})
-        if created:
-            # Known to be empty and free of bans: the first joins need not ask the database.
-            selectors.cache_roster(lobby, [])
-            selectors.cache_no_bans(lobby)
+    # Another process may create some of them first: theirs stand.
+    new = [Lobby(name=name, created_by=wanted[name]) for name in sorted(wanted.keys() - existing)]
+    Lobby.objects.bulk_create(new, ignore_conflicts=True)
 
 
 def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
@@ -203,7 +200,8 @@ def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
         # The row locks serialise changes to each lobby's roster: two joins
         # cannot both take its last place, and the cached roster follows commit order.
         lobbies = _lock_lobbies({request.lobby_name for request in requests})
-        rosters = {lobby.pk: selectors.lobby_roster(lobby) for lobby in lobbies.values()}
+        rosters = selectors.lobby_rosters(list(lobbies.values()))
+        selectors.load_lobby_bans(list(lobbies.values()))
         memberships = _live_memberships_in(rosters, requests)
         joins = [_join_one(request, lobbies, rosters, memberships) for request in requests]
 
@@ -218,11 +216,8 @@ def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
             )
         Membership.objects.bulk_create([membership for membership in memberships.values() if membership.pk is None])
         changed = {join[0].pk for join in joins if not isinstance(join, Exception)}
-        last_chat_ids = {}
-        for lobby in lobbies.values():
-            if lobby.pk in changed:
-                _roster_changed(lobby, rosters[lobby.pk])
-                last_chat_ids[lobby.pk] = selectors.lobby_last_chat_id(lobby)
+        _rosters_changed([(lobby, rosters[lobby.pk]) for lobby in lobbies.values() if lobby.pk in changed])
+        last_chat_ids = selectors.lobby_last_chat_ids(changed) if changed else {}
         return [join if isinstance(join, Exception) else _join_result(*join, rosters, last_chat_ids) for join in joins]
 
 
@@ -337,17 +332,26 @@ def _lock_lobby(lobby_name: str) -> Lobby | None:
     return Lobby.objects.select_for_update().filter(name=lobby_name).first()
 
 
-def _roster_changed(lobby: Lobby, roster: list[selectors.RosterEntry] | None = None) -> None:
-    """Stamp the lobby's new roster and cache it (recomputed if not given).
+def _roster_changed(lobby: Lobby) -> None:
+    """_rosters_changed for one lobby, its roster read from the database."""
+    _rosters_changed([(lobby, selectors.rosters_from_database({lobby.pk})[lobby.pk])])
 
-    Runs inside the transaction that made the change, under the lobby's lock:
-    should the transaction fail, the cached entry carries a stamp the row
-    never gets, so no one believes it.
+
+def _rosters_changed(rosters: list[tuple[Lobby, list[selectors.RosterEntry]]]) -> None:
+    """Stamp each lobby's new roster and cache it, in one statement and one round trip.
+
+    Runs inside the transaction that made the changes, under the lobbies'
+    locks: should the transaction fail, the cached entries carry a stamp the
+    rows never get, so no one believes them. The lobbies share the new stamp:
+    it only has to differ from each lobby's earlier ones.
     """
-    lobby.roster_stamp = uuid.uuid4()
-    lobby.last_active_at = timezone.now()
-    Lobby.objects.filter(pk=lobby.pk).update(roster_stamp=lobby.roster_stamp, last_active_at=lobby.last_active_at)
-    selectors.cache_roster(lobby, roster if roster is not None else selectors.roster_from_database(lobby))
+    if not rosters:
+        return
+    stamp, now = uuid.uuid4(), timezone.now()
+    Lobby.objects.filter(pk__in=[lobby.pk for lobby, _ in rosters]).update(roster_stamp=stamp, last_active_at=now)
+    for lobby, _ in rosters:
+        lobby.roster_stamp, lobby.last_active_at = stamp, now
+    selectors.cache_rosters(rosters)
 
 
 @dataclass
@@ -505,9 +509,7 @@ def _depart(
         Session.objects.filter(pk__in=[membership.session_id for membership in ended]).update(last_seen_at=now)
     changed = {membership.lobby_id for membership in ended} | {membership.lobby_id for membership, _ in dropped}
     rosters = selectors.rosters_from_database(changed)
-    for lobby in lobbies.values():
-        if lobby.pk in changed:
-            _roster_changed(lobby, rosters[lobby.pk])
+    _rosters_changed([(lobby, rosters[lobby.pk]) for lobby in lobbies.values() if lobby.pk in changed])
 
 
 def membership_set_muted(*, lobby_name: str, session_id: str, channel_name: str, muted: bool) -> None:

@@ -30,7 +30,7 @@ def test_the_lobby_roster_is_read_through_the_live_roster_index(
     lobby = Lobby.objects.create(name="indexed")
     Membership.objects.create(session_id=alice.id, lobby=lobby, channel_name="c")
 
-    plan = live_memberships(lobby).explain()
+    plan = live_memberships({lobby.pk}).explain()
 
     assert "live_roster" in plan, plan
 

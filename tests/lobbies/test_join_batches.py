@@ -69,6 +69,24 @@ def test_a_batch_costs_the_same_few_statements_however_many_join() -> None:
     assert statements(40, ["many-a", "many-b"]) == statements(2, ["few-a", "few-b"])
 
 
+def test_a_batch_costs_the_same_few_statements_however_many_lobbies_it_creates_and_joins() -> None:
+    people = [make_person(f"P{number}") for number in range(24)]
+
+    def statements(lobbies: int, prefix: str) -> int:
+        """Two people into each of `lobbies` lobbies that do not exist yet."""
+        requests = [request(person, f"{prefix}-{index % lobbies}", f"c.{prefix}.{index}")
+                    for index, person in enumerate(people[: 2 * lobbies])]
+        with CaptureQueriesContext(connection) as captured:
+            results = services.lobby_join_many(requests=requests)
+        assert all(isinstance(result, JoinResult) for result in results)
+        return len(captured.captured_queries)
+
+    assert statements(12, "many") == statements(1, "one")
+    assert Lobby.objects.filter(name__startswith="many-").count() == 12
+    # Each newcomer was told of the other one in its lobby.
+    assert Membership.objects.filter(lobby__name="many-11", left_at__isnull=True).count() == 2
+
+
 def test_a_membership_deleted_behind_the_services_back_does_not_block_joins(alice: Person, bob: Person) -> None:
     services.lobby_join(lobby_name="purged", session=Session.objects.get(pk=alice.id), channel_name="c.old")
     Membership.objects.filter(lobby__name="purged").delete()

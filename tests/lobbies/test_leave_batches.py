@@ -71,7 +71,7 @@ def test_a_batch_of_leaves_costs_the_same_few_statements_however_many_leave() ->
             Lobby.objects.create(name=name, max_participants=50)
         requests = []
         for index, person in enumerate(people[:count]):
-            lobby, channel = lobbies[index % 2], f"c.{lobbies[0]}.{index}"
+            lobby, channel = lobbies[index % len(lobbies)], f"c.{lobbies[0]}.{index}"
             join(person, lobby, channel)
             requests.append(leave(person, lobby, channel, deliberate=index % 3 == 0))
         with CaptureQueriesContext(connection) as captured:
@@ -79,6 +79,7 @@ def test_a_batch_of_leaves_costs_the_same_few_statements_however_many_leave() ->
         return len(captured.captured_queries)
 
     assert statements(40, ["many-a", "many-b"]) == statements(2, ["few-a", "few-b"])
+    assert statements(12, [f"spread-{number}" for number in range(12)]) == statements(2, ["pair-a", "pair-b"])
 
 
 def make_stale(lobby: str, seconds_ago: float) -> None:
