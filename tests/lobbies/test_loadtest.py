@@ -5,6 +5,7 @@ sweep's rule for where a rate stops."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,26 @@ async def test_a_sweep_tries_a_rate_again_after_one_latency_spike() -> None:
         ("100", "ok"), ("200", "p99 too high"), ("200", "ok"), ("400", "p99 too high"), ("400", "p99 too high")
     ]
     assert figures["pairs_p99_ms"] == pytest.approx(1.0) and figures["pairs_rate"] > 150
+
+
+async def test_a_sweep_reports_the_load_generators_own_cpu() -> None:
+    """So that a run shows when the generator, not the server, was the limit."""
+
+    async def sweep_spending(cpu_seconds_per_message: float) -> float:
+        tally = Tally()
+
+        async def send(index: int, number: int) -> None:
+            spent = time.process_time() + cpu_seconds_per_message
+            while time.process_time() < spent:
+                pass
+            tally.steps[number].received += 1
+            tally.steps[number].latencies.append(0.001)
+
+        lines: list[str] = []
+        options = Options(start_rate=100, step_seconds=0.5, max_rate=100)
+        figures = await sweep("pairs", Unmeasured(), tally, send, 1, options, lines.append)
+        assert "generator CPU" in lines[0]
+        return figures["pairs_generator_cpu_percent"]
+
+    # 100 messages a second, each costing 3 ms of the generator's CPU: about 30% of a core.
+    assert await sweep_spending(0.003) >= await sweep_spending(0.0) + 15
