@@ -213,33 +213,26 @@ def bans_cache_key(lobby_id: int) -> str:
     return f"bans:{lobby_id}"
 
 
-def lobby_ban_until(lobby: Lobby, session: Session) -> datetime | None:
-    """When `session` may rejoin `lobby` after a kick, or None if it may now.
+def lobby_bans(lobbies: list[Lobby]) -> dict[int, dict[Any, datetime]]:
+    """Each lobby's live bans (session id -> until when it may not rejoin), by lobby id.
 
-    Every newcomer's join asks, and bans are rare: the lobby's live bans are
-    kept in the in-process cache, and a new or lifted ban is broadcast.
+    Every newcomer's join asks, and bans are rare: each lobby's live bans are
+    kept in the in-process cache, and a new or lifted ban is broadcast. Those
+    the cache does not hold are read in one query.
     """
-    key = bans_cache_key(lobby.pk)
-    bans = cache.local.get(key)
-    if bans is cache.MISSING:
-        bans = load_lobby_bans([lobby])[lobby.pk]
-    now = timezone.now()
-    until = bans.get(session.pk)
-    return until if until is not None and until > now else None
-
-
-def load_lobby_bans(lobbies: list[Lobby]) -> dict[int, dict[Any, datetime]]:
-    """The live bans (session id -> until) of those of `lobbies` whose bans
-    this process does not hold, read in one query and kept in the in-process cache."""
-    missing = [lobby.pk for lobby in lobbies if cache.local.get(bans_cache_key(lobby.pk)) is cache.MISSING]
-    if not missing:
-        return {}
-    bans: dict[int, dict[Any, datetime]] = {lobby_id: {} for lobby_id in missing}
-    live = LobbyBan.objects.filter(lobby_id__in=missing, until__gt=timezone.now())
-    for lobby_id, session_id, until in live.values_list("lobby_id", "session_id", "until"):
-        bans[lobby_id][session_id] = max(until, bans[lobby_id].get(session_id, until))
-    for lobby_id, lobby_bans in bans.items():
-        cache.local.set(bans_cache_key(lobby_id), lobby_bans)
+    bans: dict[int, dict[Any, datetime]] = {}
+    for lobby in lobbies:
+        cached = cache.local.get(bans_cache_key(lobby.pk))
+        if cached is not cache.MISSING:
+            bans[lobby.pk] = cached
+    missing: dict[int, dict[Any, datetime]] = {lobby.pk: {} for lobby in lobbies if lobby.pk not in bans}
+    if missing:
+        live = LobbyBan.objects.filter(lobby_id__in=missing, until__gt=timezone.now())
+        for lobby_id, session_id, until in live.values_list("lobby_id", "session_id", "until"):
+            missing[lobby_id][session_id] = max(until, missing[lobby_id].get(session_id, until))
+        for lobby_id, read in missing.items():
+            cache.local.set(bans_cache_key(lobby_id), read)
+        bans.update(missing)
     return bans
 
 

@@ -201,9 +201,9 @@ def _join_batch(requests: list[JoinRequest]) -> list[JoinResult | Exception]:
         # cannot both take its last place, and the cached roster follows commit order.
         lobbies = _lock_lobbies({request.lobby_name for request in requests})
         rosters = selectors.lobby_rosters(list(lobbies.values()))
-        selectors.load_lobby_bans(list(lobbies.values()))
+        bans = selectors.lobby_bans(list(lobbies.values()))
         memberships = _live_memberships_in(rosters, requests)
-        joins = [_join_one(request, lobbies, rosters, memberships) for request in requests]
+        joins = [_join_one(request, lobbies, rosters, bans, memberships) for request in requests]
 
         # Every membership read from the database belongs to a session that resumed it.
         resumed = [membership for membership in memberships.values() if membership.pk is not None]
@@ -242,6 +242,7 @@ def _join_one(
     request: JoinRequest,
     lobbies: dict[str, Lobby],
     rosters: dict[int, list[selectors.RosterEntry]],
+    bans: dict[int, dict[Any, datetime]],
     memberships: dict[tuple[int, str], Membership],
 ) -> tuple[Lobby, selectors.RosterEntry, Membership] | Exception:
     """Decide one join of a batch, changing `rosters` and `memberships` (not
@@ -261,7 +262,7 @@ def _join_one(
         mine = None
     if mine is None:
         try:
-            _check_admission(lobby, request.session, request.opened_hash)
+            _check_admission(lobby, request.session, request.opened_hash, bans[lobby.pk])
         except (BadPassword, LobbyClosed, SessionKicked) as refusal:
             return refusal
         if len(roster) >= lobby.max_participants:
@@ -299,8 +300,9 @@ def _join_result(
     )
 
 
-def _check_admission(lobby: Lobby, session: Session, opened_hash: str) -> None:
-    """Refuse a newcomer that may not take a place in `lobby`, however full it is."""
+def _check_admission(lobby: Lobby, session: Session, opened_hash: str, bans: dict[Any, datetime]) -> None:
+    """Refuse a newcomer that may not take a place in `lobby`, however full
+    it is; `bans` are the lobby's (selectors.lobby_bans)."""
     # Bot sessions exist only for bots an administrator put in a lobby, so
     # they need no password.
     if lobby.password_hash and lobby.password_hash != opened_hash and not session.is_bot:
@@ -308,9 +310,9 @@ def _check_admission(lobby: Lobby, session: Session, opened_hash: str) -> None:
         raise BadPassword(lobby.name)
     if lobby.closed_at is not None:
         raise LobbyClosed(lobby.name)
-    until = selectors.lobby_ban_until(lobby, session)
-    if until is not None:
-        raise SessionKicked(math.ceil((until - timezone.now()).total_seconds()))
+    until, now = bans.get(session.pk), timezone.now()
+    if until is not None and until > now:
+        raise SessionKicked(math.ceil((until - now).total_seconds()))
 
 
 def _resume(membership: Membership, lobby_name: str, channel_name: str) -> None:
