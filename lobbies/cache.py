@@ -64,32 +64,10 @@ class SharedCache:
         return self.redis
 
     def get(self, key: str) -> Any:
-        if not settings.VOICEBOT_CACHE:
-            return MISSING
-        try:
-            client = self.client()
-            if client is None:
-                value = caches["default"].get(key, MISSING)
-            else:
-                raw = client.get(self.prefix + key)
-                value = MISSING if raw is None else pickle.loads(raw)
-        except Exception as error:
-            self.failed("read", error)
-            return MISSING
-        stats[(self.name, "miss" if value is MISSING else "hit")] += 1
-        return value
+        return self.get_many([key]).get(key, MISSING)
 
     def set(self, key: str, value: Any, timeout: float) -> None:
-        if not settings.VOICEBOT_CACHE:
-            return
-        try:
-            client = self.client()
-            if client is None:
-                caches["default"].set(key, value, timeout)
-            else:
-                client.set(self.prefix + key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), ex=int(timeout))
-        except Exception as error:
-            self.failed("write", error)
+        self.set_many({key: value}, timeout)
 
     def get_many(self, keys: list[str]) -> dict[str, Any]:
         """The values of those of `keys` the cache holds, in one round trip."""
