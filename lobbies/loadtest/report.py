@@ -11,6 +11,7 @@ Results = dict[str, dict[str, float | None]]  # target name -> figure -> value
 UNITS = {
     "_rate": ("msg/s", True),
     "_connects_per_second": ("/s", True),
+    "_cpu_ms_per_connect": ("ms", False),
     "_ms": ("ms", False),
     "_kib_per_connection": ("KiB", False),
     "storm_seconds": ("s", False),

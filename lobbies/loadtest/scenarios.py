@@ -7,10 +7,12 @@ able to offer the rate.
 """
 
 import asyncio
+import itertools
+import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ class Options:
     start_rate: float = 250.0
     max_rate: float = 50_000.0
     growth: float = 1.5
+    refinements: int = 2
     p99_limit_ms: float = 20.0
     idle_seconds: float = 5.0
 
@@ -119,19 +122,59 @@ async def sweep(
     options: Options,
     progress: Callable[[str], None],
 ) -> Figures:
-    """Raise the offered delivery rate until a step fails (for p99 alone, twice
-    in a row); figures of the best step."""
+    """Raise the offered delivery rate by `growth` until a step fails, then
+    narrow the limit down: `refinements` more steps, each halfway (on a log
+    scale) between the highest rate passed and the lowest failed. Figures of
+    the best step passed."""
     best: Figures = {f"{name}_rate": 0.0}
-    rate = options.start_rate
-    number = max(tally.steps, default=0) + 1
+    # Each step its own number, so that late deliveries of one step never count for another.
+    numbers = itertools.count(max(tally.steps, default=0) + 1)
+    number = next(numbers)
     # A warm-up step, not judged: the first messages pay for connections and caches.
     warm_up = tally.step(number)
+    rate = options.start_rate
     sent, _ = await drive(rate / deliveries_per_message, options.step_seconds / 2, lambda i: send(i, number))
     await drain(warm_up, sent * deliveries_per_message)
     del tally.steps[number]
-    retried = False
+    highest_passed: float | None = None
+    lowest_failed: float | None = None
+    loss_at_limit: int | None = None
+    refinements = options.refinements
     while rate <= options.max_rate:
-        number += 1
+        passed, figures, lost = await judged_step(
+            name, target, tally, numbers, send, deliveries_per_message, rate, options, progress
+        )
+        if passed:
+            best, highest_passed = figures, rate
+        else:
+            loss_at_limit, lowest_failed = lost, rate
+        if lowest_failed is None:
+            rate *= options.growth
+        elif highest_passed is None or refinements == 0:
+            break
+        else:
+            refinements -= 1
+            rate = math.sqrt(highest_passed * lowest_failed)
+    return best if loss_at_limit is None else {**best, f"{name}_loss_at_limit": loss_at_limit}
+
+
+async def judged_step(
+    name: str,
+    target: Target,
+    tally: Tally,
+    numbers: Iterator[int],
+    send: Callable[[int, int], Awaitable[None]],
+    deliveries_per_message: int,
+    rate: float,
+    options: Options,
+    progress: Callable[[str], None],
+) -> tuple[bool, Figures, int]:
+    """Offer `rate` deliveries a second for a step: whether the server sustained
+    it, the step's figures and how many deliveries were lost. A step failed for
+    p99 alone is tried once more: one latency spike (a checkpoint, a
+    collection) does not make a limit."""
+    for attempt in range(2):
+        number = next(numbers)
         step = tally.step(number)
         cpu_before = target.cpu_seconds()
         generator_cpu_before = time.process_time()
@@ -143,10 +186,10 @@ async def sweep(
         # The load generator is one Python process: near 100% of a core, it is the limit, not the server.
         generator_cpu_percent = 100 * (time.process_time() - generator_cpu_before) / elapsed
         rss = target.rss_bytes()
-        lost = expected - step.received
+        lost = max(expected - step.received, 0)
         p99_ms = latency_ms(step.latencies, 0.99)
         offered_enough = elapsed <= 1.1 * options.step_seconds
-        passed = lost <= 0 and p99_ms is not None and p99_ms <= options.p99_limit_ms and offered_enough
+        passed = lost == 0 and p99_ms is not None and p99_ms <= options.p99_limit_ms and offered_enough
         figures: Figures = {
             f"{name}_rate": step.received / elapsed,
             f"{name}_p50_ms": latency_ms(step.latencies, 0.5),
@@ -160,24 +203,16 @@ async def sweep(
             f"{name}_generator_cpu_percent": generator_cpu_percent,
             f"{name}_wire_bytes_per_message": (tally.bytes_received - bytes_before) / max(step.received, 1),
         }
-        verdict = "ok" if passed else ("lost messages" if lost > 0 else "p99 too high" if offered_enough else "generator fell behind")
+        verdict = "ok" if passed else ("lost messages" if lost else "p99 too high" if offered_enough else "generator fell behind")
         progress(
-            f"  {name}: offered {rate:,.0f}/s, delivered {figures[f'{name}_rate']:,.0f}/s, lost {max(lost, 0)}, "
+            f"  {name}: offered {rate:,.0f}/s, delivered {figures[f'{name}_rate']:,.0f}/s, lost {lost}, "
             f"p99 {fmt(p99_ms)} ms, server CPU {fmt(figures[f'{name}_server_cpu_percent'])} %, "
             f"generator CPU {fmt(generator_cpu_percent)} %: {verdict}"
         )
         del tally.steps[number]
-        if not passed and verdict == "p99 too high" and not retried:
-            # One latency spike (a checkpoint, a collection) fails a step:
-            # the rate gets a second try before it counts as the limit.
-            retried = True
-            continue
-        if not passed:
-            best[f"{name}_loss_at_limit"] = max(lost, 0)
+        if verdict != "p99 too high":
             break
-        best, retried = figures, False
-        rate *= options.growth
-    return best
+    return passed, figures, lost
 
 
 def fmt(value: float | None) -> str:
@@ -226,14 +261,20 @@ async def idle_and_storm_scenario(target: Target, options: Options, progress: Ca
     prefix = f"idle-{uuid.uuid4().hex[:6]}"
     clients = [LoadClient(target, index, f"{prefix}-{index // 10}", tokens[index], tally) for index in range(count)]
     rss_before = target.rss_bytes()
+    cpu_before, generator_cpu_before = target.cpu_seconds(), time.process_time()
     started = time.perf_counter()
     raise_first(await limited([client.connect() for client in clients], CONNECTS_IN_FLIGHT), "connects")
     connect_seconds = time.perf_counter() - started
+    cpu_after, generator_cpu_after = target.cpu_seconds(), time.process_time()
     await asyncio.sleep(options.idle_seconds)
     rss_after = target.rss_bytes()
     per_connection = None if rss_before is None or rss_after is None else (rss_after - rss_before) / count / 1024
+    # What one connect costs each side: the two together must fit in the machine's cores.
+    server_ms = None if cpu_before is None or cpu_after is None else 1000 * (cpu_after - cpu_before) / count
+    generator_ms = 1000 * (generator_cpu_after - generator_cpu_before) / count
     progress(f"  idle: {count} connected in {connect_seconds:.2f} s ({count / connect_seconds:,.0f}/s), "
-             f"{fmt(per_connection)} KiB of server memory each")
+             f"{fmt(per_connection)} KiB of server memory each, CPU per connect: server {fmt(server_ms)} ms, "
+             f"generator {fmt(generator_ms)} ms")
 
     for client in clients:
         client.drop()
@@ -250,6 +291,8 @@ async def idle_and_storm_scenario(target: Target, options: Options, progress: Ca
     return {
         "idle_connects_per_second": count / connect_seconds,
         "idle_kib_per_connection": per_connection,
+        "idle_server_cpu_ms_per_connect": server_ms,
+        "idle_generator_cpu_ms_per_connect": generator_ms,
         "storm_seconds": storm_seconds,
         "storm_connects_per_second": (count - failures) / storm_seconds,
         "storm_failures": failures,

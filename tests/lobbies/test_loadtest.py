@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,8 @@ def test_it_measures_the_project_beside_the_reference_relay(env: dict[str, str],
     for target in results.values():
         assert target["pairs_rate"] > 0 and target["idle_kib_per_connection"] is not None
         assert target["storm_failures"] == 0 and target["pairs_errors"] == 0
+        assert target["idle_generator_cpu_ms_per_connect"] > 0
+    assert results["project×1"]["idle_server_cpu_ms_per_connect"] > 0
 
 
 def test_a_run_compares_with_a_saved_baseline(env: dict[str, str]) -> None:
@@ -87,14 +90,41 @@ async def test_a_sweep_tries_a_rate_again_after_one_latency_spike() -> None:
         tally.steps[number].latencies.append(latency[number])
 
     lines: list[str] = []
-    options = Options(start_rate=100, step_seconds=0.2, growth=2.0, max_rate=1000)
+    options = Options(start_rate=100, step_seconds=0.2, growth=2.0, max_rate=1000, refinements=0)
     figures = await sweep("pairs", Unmeasured(), tally, send, 1, options, lines.append)
 
-    verdicts = [(line.split("offered ")[1].split("/s")[0], line.rsplit(": ", 1)[1]) for line in lines]
-    assert verdicts == [
+    assert verdicts(lines) == [
         ("100", "ok"), ("200", "p99 too high"), ("200", "ok"), ("400", "p99 too high"), ("400", "p99 too high")
     ]
     assert figures["pairs_p99_ms"] == pytest.approx(1.0) and figures["pairs_rate"] > 150
+
+
+def verdicts(lines: list[str]) -> list[tuple[str, str]]:
+    """(rate offered, verdict) of each step's progress line."""
+    return [(line.split("offered ")[1].split("/s")[0], line.rsplit(": ", 1)[1]) for line in lines]
+
+
+async def test_a_sweep_narrows_the_limit_down_between_the_last_pass_and_the_first_failure() -> None:
+    tally = Tally()
+    # A server that delivers 300 messages a second and loses the rest.
+    step_seconds = 0.2
+    capacity = 300 * step_seconds
+    sent: Counter[int] = Counter()
+
+    async def send(index: int, number: int) -> None:
+        sent[number] += 1
+        if sent[number] <= capacity:
+            tally.steps[number].received += 1
+            tally.steps[number].latencies.append(0.001)
+
+    lines: list[str] = []
+    options = Options(start_rate=100, step_seconds=step_seconds, growth=2.0, max_rate=1000, refinements=2)
+    figures = await sweep("pairs", Unmeasured(), tally, send, 1, options, lines.append)
+
+    # 400/s fails; then halfway (log scale) between 200 and 400, then between 283 and 400.
+    assert verdicts(lines) == [("100", "ok"), ("200", "ok"), ("400", "lost messages"), ("283", "ok"), ("336", "lost messages")]
+    assert 250 < figures["pairs_rate"] < 300
+    assert figures["pairs_loss_at_limit"] == round(336.4 * step_seconds) - capacity
 
 
 async def test_a_sweep_reports_the_load_generators_own_cpu() -> None:

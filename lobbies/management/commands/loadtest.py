@@ -58,7 +58,7 @@ class Command(BaseCommand):
         parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIOS), help="Comma-separated: pairs, rooms, fanout, idle.")
         parser.add_argument("--quick", action="store_true", help="A few seconds with a handful of clients (a smoke run).")
         defaults = scenarios.Options()
-        for name in ("pairs", "rooms", "room_size", "fanout_size", "idle"):
+        for name in ("pairs", "rooms", "room_size", "fanout_size", "idle", "refinements"):
             parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
         for name in ("step_seconds", "start_rate", "max_rate", "growth", "p99_limit_ms", "idle_seconds"):
             parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
