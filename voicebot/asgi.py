@@ -2,6 +2,7 @@
 Every server process samples its numbers for the dashboard; on the embedded
 default the bot worker runs in this process too."""
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -32,3 +33,9 @@ if settings.BOTS_IN_PROCESS:
     from bots.worker import BotsInProcess
 
     application = BotsInProcess(application)
+
+# What starting made (Django, the apps and their modules: about 130,000
+# objects) lasts as long as the process. Frozen, a full collection no longer
+# walks it: under load such a collection paused the event loop for 57-74 ms,
+# enough to fail a load-test step's p99 alone; frozen, for 9-13 ms.
+gc.freeze()
