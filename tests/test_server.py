@@ -98,7 +98,6 @@ async def test_an_idle_connection_keeps_no_handshake_and_only_small_queues(alice
         await serving
 
 
-
 def test_the_application_freezes_what_starting_made() -> None:
     """Full garbage collections skip it: they paused the event loop for
     57-74 ms under load while they walked it."""

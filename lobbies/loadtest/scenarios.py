@@ -173,7 +173,7 @@ async def judged_step(
     it, the step's figures and how many deliveries were lost. A step failed for
     p99 alone is tried once more: one latency spike (a checkpoint, a
     collection) does not make a limit."""
-    for attempt in range(2):
+    for _ in range(2):
         number = next(numbers)
         step = tally.step(number)
         cpu_before = target.cpu_seconds()
