@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from lobbies import metrics, ratelimit, services
 from lobbies.cache import invalidation_listener
-from lobbies.models import LOBBY_NAME_PATTERN
+from lobbies.models import LOBBY_NAME_PATTERN, ChatMessage
 from lobbies.presence import presence
 from lobbies.protocol import (
     CHAT_HISTORY_LIMIT,
@@ -61,10 +61,13 @@ CLOSE_RATE_LIMITED = 4029
 # The database cannot be reached (restart, failover), like HTTP 503.
 CLOSE_UNAVAILABLE = 4503
 
-# How many joins, or leaves, one transaction takes at most (see Batches).
+# How many joins, leaves or chat messages one transaction takes at most (see Batches).
 BATCH_LIMIT = 100
-# The thread of joins and leaves, which lives as long as the process, not as long as one event loop.
+# The threads of joins and leaves, and of chat, which live as long as the
+# process, not as long as one event loop. Chat has its own, so that a
+# reconnect storm's joins do not hold up a room's chat, nor chat the joins.
 ROSTER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roster")
+CHAT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat")
 
 LOBBY_CLOSED_MESSAGE = "An administrator closed this lobby."
 NOT_IN_LOBBY_MESSAGE = "This connection no longer holds a place in the lobby; reconnect to rejoin."
@@ -75,21 +78,25 @@ CHAT_IDS_REMEMBERED = 200
 
 
 class Batches(Generic[Request, Outcome]):
-    """Runs one roster service (services.lobby_join_many, lobby_leave_many)
-    for the connections of this process in batches, one transaction each, on
-    ROSTER_THREAD.
+    """Runs one batch service (services.lobby_join_many, lobby_leave_many,
+    chat_send_many) for the connections of this process in batches, one
+    transaction each, on `thread`.
 
-    A join or a leave waits on Postgres more than it runs Python: those that
-    arrive while a batch is in the database go together in the next one, so a
-    reconnect storm costs a few round trips per batch instead of several per
-    connection.
+    A join, a leave or a chat message waits on Postgres more than it runs
+    Python: those that arrive while a batch is in the database go together in
+    the next one, so a reconnect storm, or a busy room's chat, costs a few
+    round trips per batch instead of several per connection or message.
     """
 
     def __init__(
-        self, service: Callable[..., list[Outcome | Exception]], batch_done: Callable[[int], None]
+        self,
+        service: Callable[..., list[Outcome | Exception]],
+        batch_done: Callable[[int], None],
+        thread: ThreadPoolExecutor,
     ) -> None:
         self.service = service
         self.batch_done = batch_done
+        self.thread = thread
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiting: list[tuple[Request, asyncio.Future[Outcome]]] = []
         self.running: asyncio.Task[None] | None = None
@@ -107,7 +114,7 @@ class Batches(Generic[Request, Outcome]):
         return await done
 
     async def run_batches(self) -> None:
-        service = database_sync_to_async(self.service, thread_sensitive=False, executor=ROSTER_THREAD)
+        service = database_sync_to_async(self.service, thread_sensitive=False, executor=self.thread)
         while self.waiting:
             batch, self.waiting = self.waiting[:BATCH_LIMIT], self.waiting[BATCH_LIMIT:]
             try:
@@ -125,9 +132,14 @@ class Batches(Generic[Request, Outcome]):
 
 
 join_batches: Batches[services.JoinRequest, services.JoinResult] = Batches(
-    services.lobby_join_many, metrics.join_batch_done
+    services.lobby_join_many, metrics.join_batch_done, ROSTER_THREAD
 )
-leave_batches: Batches[services.LeaveRequest, bool] = Batches(services.lobby_leave_many, metrics.leave_batch_done)
+leave_batches: Batches[services.LeaveRequest, bool] = Batches(
+    services.lobby_leave_many, metrics.leave_batch_done, ROSTER_THREAD
+)
+chat_batches: Batches[services.ChatRequest, ChatMessage] = Batches(
+    services.chat_send_many, metrics.chat_batch_done, CHAT_THREAD
+)
 
 
 def connection_token(scope: dict[str, Any]) -> str:
@@ -445,12 +457,14 @@ class LobbyConsumer(AsyncWebsocketConsumer):
                 raise ProtocolError("bad_field", "The field 'text' holds a NUL character (U+0000), which chat cannot store.")
             # Stored first: everyone, the sender too, receives it from the service once it is.
             try:
-                await database_sync_to_async(services.chat_send)(
-                    lobby_name=self.lobby_name,
-                    session_id=self.peer_id,
-                    channel_name=self.channel_name,
-                    text=message.text,
-                    received_at=self.received_at,
+                await chat_batches.run(
+                    services.ChatRequest(
+                        lobby_name=self.lobby_name,
+                        session_id=self.peer_id,
+                        channel_name=self.channel_name,
+                        text=message.text,
+                        received_at=self.received_at,
+                    )
                 )
             except services.NotInLobby:
                 raise ProtocolError("not_in_lobby", NOT_IN_LOBBY_MESSAGE)

@@ -102,6 +102,11 @@ leave_batch_size = Histogram(
     "Leaves and drops recorded together in one database transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100),
 )
+chat_batch_size = Histogram(
+    "voicebot_chat_batch_size",
+    "Chat messages stored together in one database transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100),
+)
 
 # Pre-create the label sets, so every series is exported as 0 from the start
 # (rate() then sees the first increment) and the hot path skips label lookups.
@@ -162,3 +167,7 @@ def join_batch_done(size: int) -> None:
 
 def leave_batch_done(size: int) -> None:
     leave_batch_size.observe(size)
+
+
+def chat_batch_done(size: int) -> None:
+    chat_batch_size.observe(size)

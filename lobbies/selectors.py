@@ -1,6 +1,7 @@
 """Reads of sessions and lobbies, shaped the way the API and protocol send them."""
 
 import hashlib
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
@@ -109,6 +110,21 @@ def connection_membership(*, lobby_name: str, session_id: str, channel_name: str
     return Membership.objects.filter(
         lobby__name=lobby_name, session_id=session_id, channel_name=channel_name, left_at__isnull=True
     )
+
+
+def connection_memberships(
+    connections: list[tuple[str, uuid.UUID, str]],
+) -> dict[tuple[str, uuid.UUID, str], Membership]:
+    """The live memberships that connections, each (lobby name, session id,
+    channel name), hold: one query however many, keyed the same way, with
+    their sessions."""
+    wanted = Q()
+    for lobby_name, session_id, channel_name in connections:
+        wanted |= Q(lobby__name=lobby_name, session_id=session_id, channel_name=channel_name)
+    if not wanted:
+        return {}
+    found = Membership.objects.filter(wanted, left_at__isnull=True).select_related("session", "lobby")
+    return {(membership.lobby.name, membership.session_id, membership.channel_name): membership for membership in found}
 
 
 class RosterEntry(TypedDict):

@@ -657,6 +657,18 @@ class NotInLobby(Exception):
     """The connection holds no place in the lobby (any more)."""
 
 
+@dataclass
+class ChatRequest:
+    """One chat message from a connection (see chat_send)."""
+
+    lobby_name: str
+    session_id: str
+    channel_name: str
+    text: str
+    # time.time() when it arrived, for the delivery latency metric.
+    received_at: float | None = None
+
+
 def chat_send(
     *, lobby_name: str, session_id: str, channel_name: str, text: str, received_at: float | None = None
 ) -> ChatMessage:
@@ -666,22 +678,54 @@ def chat_send(
 
     Raises NotInLobby if the connection holds no place; should the message not
     be stored, whatever the database raises, and no one receives it.
-    `received_at` (time.time() when it arrived) is for the delivery latency metric.
     """
-    membership = (
-        selectors.connection_membership(lobby_name=lobby_name, session_id=session_id, channel_name=channel_name)
-        .select_related("session")
-        .first()
+    request = ChatRequest(
+        lobby_name=lobby_name, session_id=session_id, channel_name=channel_name, text=text, received_at=received_at
     )
-    if membership is None:
-        raise NotInLobby(lobby_name)
+    outcome = chat_send_many(requests=[request])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def chat_send_many(*, requests: list[ChatRequest]) -> list[ChatMessage | Exception]:
+    """chat_send for many messages at once, in one transaction: each request's
+    stored message, or NotInLobby. Ids grow, and everyone receives the
+    messages, in the order given. An error of the database fails them all.
+
+    One message at a time, a busy room's chat queued behind each message's
+    round trips to Postgres (3-6 ms each under load), and its receivers
+    waited tens of milliseconds in bursts.
+    """
+    connections = [
+        (request.lobby_name, uuid.UUID(str(request.session_id)), request.channel_name) for request in requests
+    ]
+    memberships = selectors.connection_memberships(connections)
+    found = [(request, memberships.get(key)) for request, key in zip(requests, connections)]
+    stored = [
+        ChatMessage(
+            lobby_id=membership.lobby_id,
+            session_id=membership.session_id,
+            author_name=membership.session.name,
+            text=request.text,
+        )
+        for request, membership in found
+        if membership is not None
+    ]
     # Committed durably (unlike roster changes): the sender's copy promises
     # that the message is kept.
-    message = ChatMessage.objects.create(
-        lobby_id=membership.lobby_id, session_id=membership.session_id, author_name=membership.session.name, text=text
-    )
-    publish(lobby_name, {"type": "lobby.deliver", "frame": selectors.chat_frame(message), "received_at": received_at})
-    return message
+    with transaction.atomic():
+        messages = iter(ChatMessage.objects.bulk_create(stored))
+        outcomes: list[ChatMessage | Exception] = []
+        for request, membership in found:
+            if membership is None:
+                outcomes.append(NotInLobby(request.lobby_name))
+                continue
+            message = next(messages)
+            frame = selectors.chat_frame(message)
+            publish(request.lobby_name, {"type": "lobby.deliver", "frame": frame, "received_at": request.received_at})
+            outcomes.append(message)
+    return outcomes
 
 
 def chat_prune(*, limit: int = 1000) -> int:
