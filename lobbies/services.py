@@ -701,30 +701,26 @@ def chat_send_many(*, requests: list[ChatRequest]) -> list[ChatMessage | Excepti
         (request.lobby_name, uuid.UUID(str(request.session_id)), request.channel_name) for request in requests
     ]
     memberships = selectors.connection_memberships(connections)
-    found = [(request, memberships.get(key)) for request, key in zip(requests, connections)]
-    stored = [
-        ChatMessage(
-            lobby_id=membership.lobby_id,
-            session_id=membership.session_id,
-            author_name=membership.session.name,
-            text=request.text,
-        )
-        for request, membership in found
-        if membership is not None
-    ]
+    outcomes: list[ChatMessage | Exception] = []
+    for request, key in zip(requests, connections):
+        membership = memberships.get(key)
+        if membership is None:
+            outcomes.append(NotInLobby(request.lobby_name))
+        else:
+            outcomes.append(ChatMessage(
+                lobby_id=membership.lobby_id,
+                session_id=membership.session_id,
+                author_name=membership.session.name,
+                text=request.text,
+            ))
     # Committed durably (unlike roster changes): the sender's copy promises
-    # that the message is kept.
+    # that the message is kept. bulk_create gives each message its id.
     with transaction.atomic():
-        messages = iter(ChatMessage.objects.bulk_create(stored))
-        outcomes: list[ChatMessage | Exception] = []
-        for request, membership in found:
-            if membership is None:
-                outcomes.append(NotInLobby(request.lobby_name))
-                continue
-            message = next(messages)
-            frame = selectors.chat_frame(message)
-            publish(request.lobby_name, {"type": "lobby.deliver", "frame": frame, "received_at": request.received_at})
-            outcomes.append(message)
+        ChatMessage.objects.bulk_create([outcome for outcome in outcomes if isinstance(outcome, ChatMessage)])
+        for request, outcome in zip(requests, outcomes):
+            if isinstance(outcome, ChatMessage):
+                frame = selectors.chat_frame(outcome)
+                publish(request.lobby_name, {"type": "lobby.deliver", "frame": frame, "received_at": request.received_at})
     return outcomes
 
 
